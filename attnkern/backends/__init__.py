@@ -1,0 +1,131 @@
+"""Backends: named sets of kernels with one signature (see csrc/ops.cpp and torch_kernels.py).
+
+    cpu     C++ kernels of attnkern._C (CPU tensors)
+    cuda    CUDA C++ kernels of attnkern._C (CUDA tensors)
+    triton  Triton kernels (CUDA tensors; CPU tensors under TRITON_INTERPRET=1)
+    torch   plain PyTorch, any device: the reference the others are tested against
+
+A backend is one module exposing the kernel functions; registering it here is all it takes.
+"""
+import functools
+import importlib
+import os
+import types
+
+import torch
+
+from attnkern import _extension
+from attnkern.backends import torch_kernels
+
+BACKENDS = ("cpu", "cuda", "triton", "torch")
+
+KERNEL_NAMES = (
+    "channel_pool",
+    "spatial_pool",
+    "apply_gates",
+    "spatial_gate_grad",
+    "channel_gate_grad",
+    "cbam_input_grad",
+    "bam_combine",
+    "bam_combine_backward",
+    "bam_input_grad",
+)
+
+
+def _compiled_kernels():
+    ops = torch.ops.attnkern
+    return types.SimpleNamespace(**{name: getattr(ops, name) for name in KERNEL_NAMES})
+
+
+def triton_interpreted():
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _triton_kernels():
+    """The Triton kernels, or None where Triton is missing. Each file holds one module's kernels."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return None
+    merged = {}
+    for module in ("attnkern.backends.triton_cbam", "attnkern.backends.triton_bam"):
+        try:
+            merged.update({k: v for k, v in vars(importlib.import_module(module)).items() if k in KERNEL_NAMES})
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+    return types.SimpleNamespace(**merged)
+
+
+def _supports(backend, device_type):
+    if backend == "torch":
+        return True
+    if backend == "cpu":
+        return device_type == "cpu" and _extension.has_kernel("CPU")
+    if backend == "cuda":
+        return device_type == "cuda" and _extension.has_kernel("CUDA")
+    if backend == "triton":
+        if device_type == "cpu" and not triton_interpreted():
+            return False
+        return device_type in ("cuda", "cpu") and _cached_triton() is not None
+    return False
+
+
+@functools.cache
+def _cached_triton():
+    return _triton_kernels()
+
+
+def available_backends(device="cpu"):
+    """The backends that can run on `device` here, fastest first."""
+    device_type = torch.device(device).type
+    return [b for b in _PREFERENCE[device_type if device_type in _PREFERENCE else "other"] if _supports(b, device_type)]
+
+
+# What "auto" picks, per device type: the first available. On CUDA the CUDA C++ kernels come
+# before Triton until a GPU measurement in benchmarks/ says otherwise (see benchmarks/NOTES.md).
+_PREFERENCE = {
+    "cpu": ("cpu", "torch", "triton"),
+    "cuda": ("cuda", "triton", "torch"),
+    "other": ("torch",),
+}
+
+
+def check_backend_name(backend):
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected 'auto' or one of {BACKENDS}")
+    return backend
+
+
+def resolve(backend, device):
+    """The backend that runs a tensor on `device`: `backend` itself, or auto's pick."""
+    check_backend_name(backend)
+    device_type = torch.device(device).type
+    if backend == "auto":
+        return available_backends(device)[0]
+    if not _supports(backend, device_type):
+        reason = ""
+        if backend in ("cpu", "cuda") and _extension.LOAD_ERROR is not None:
+            reason = f" (attnkern._C failed to load: {_extension.LOAD_ERROR})"
+        elif backend == "triton" and device_type == "cpu":
+            reason = " (Triton runs CPU tensors only with TRITON_INTERPRET=1 set before importing triton)"
+        raise RuntimeError(
+            f"backend {backend!r} cannot run {device_type} tensors here{reason}; "
+            f"available for {device_type}: {available_backends(device)}"
+        )
+    return backend
+
+
+def get_kernels(backend):
+    """The kernel namespace of a concrete backend name."""
+    if backend == "torch":
+        return torch_kernels
+    if backend in ("cpu", "cuda"):
+        return _compiled_kernels()
+    if backend == "triton":
+        kernels = _cached_triton()
+        if kernels is None:
+            raise RuntimeError("backend 'triton' needs the triton package")
+        return kernels
+    raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+

@@ -1,0 +1,37 @@
+// The one place where attnkern's kernel schemas are defined. Each backend registers its
+// implementations in its own file with TORCH_LIBRARY_IMPL(attnkern, <Key>, m); autograd and
+// fake (meta) kernels are registered once, in Python (attnkern/ops/).
+//
+// Conventions shared by every kernel (see attnkern/backends/torch_kernels.py, the reference):
+//   x is (N, C, H, W), floating, contiguous or channels_last (strides handled natively);
+//   "acc" is float64 for float64 x, float32 otherwise: gates, pooled maps and reductions use it;
+//   full-size outputs have x's dtype and memory format; argmax outputs are int64 and pick the
+//   first maximal element (NaN counts as maximal, so NaN propagates like torch.max).
+#include <torch/library.h>
+
+TORCH_LIBRARY(attnkern, m) {
+  // avg[n,c] = mean_hw x, max[n,c] = max_hw x, argmax[n,c] = flat hw index of that max.
+  m.def("channel_pool(Tensor x) -> (Tensor avg, Tensor max, Tensor argmax)");
+  // Pools x*gate over C without materialising it: pooled[n,0] = mean_c, pooled[n,1] = max_c,
+  // argmax[n,h,w] = channel of that max. pooled (N,2,H,W) acc, argmax (N,H,W) int64.
+  m.def("spatial_pool(Tensor x, Tensor channel_gate) -> (Tensor pooled, Tensor argmax)");
+  // y = x * channel_gate[n,c] * spatial_gate[n,h,w] (spatial_gate optional).
+  m.def("apply_gates(Tensor x, Tensor channel_gate, Tensor? spatial_gate) -> Tensor");
+  // d_spatial_gate[n,h,w] = sum_c grad * x * channel_gate[n,c]   (N,H,W) acc.
+  m.def("spatial_gate_grad(Tensor grad, Tensor x, Tensor channel_gate) -> Tensor");
+  // d_channel_gate[n,c] = sum_hw g1 * x, where g1 is the gradient w.r.t. x*channel_gate:
+  //   g1 = grad * spatial_gate[n,hw] + grad_pooled[n,0,hw] / C + grad_pooled[n,1,hw] * (c == spatial_argmax[n,hw])
+  // (spatial terms omitted when spatial_gate is None).   (N,C) acc.
+  m.def("channel_gate_grad(Tensor grad, Tensor x, Tensor? spatial_gate, Tensor? grad_pooled, Tensor? spatial_argmax) -> Tensor");
+  // dx = g1 * channel_gate[n,c] + grad_avg[n,c] / HW + grad_max[n,c] * (hw == channel_argmax[n,c]),
+  // g1 as in channel_gate_grad; grad_avg / grad_max (and channel_argmax) optional.
+  m.def("cbam_input_grad(Tensor grad, Tensor x, Tensor channel_gate, Tensor? spatial_gate, Tensor? grad_pooled, Tensor? spatial_argmax, Tensor? grad_avg, Tensor? grad_max, Tensor? channel_argmax) -> Tensor");
+  // BAM: y = x * (1 + sigmoid(a)), a = channel_att[n,c] + spatial_att[n,h,w] (product: a = ca * sa).
+  m.def("bam_combine(Tensor x, Tensor channel_att, Tensor spatial_att, bool product) -> Tensor");
+  // The reductions of BAM's combine backward, one pass over (grad, x): with M = sigmoid(a) and
+  // t = grad * x * M * (1 - M): grad_channel[n,c] = sum_hw t (* spatial_att if product),
+  // grad_spatial[n,h,w] = sum_c t (* channel_att if product). Both acc.
+  m.def("bam_combine_backward(Tensor grad, Tensor x, Tensor channel_att, Tensor spatial_att, bool product) -> (Tensor grad_channel, Tensor grad_spatial)");
+  // dx = grad * (1 + M) + grad_avg[n,c] / HW (optional) + grad_x_partial (optional, full size).
+  m.def("bam_input_grad(Tensor grad, Tensor x, Tensor channel_att, Tensor spatial_att, bool product, Tensor? grad_avg, Tensor? grad_x_partial) -> Tensor");
+}

@@ -1,0 +1,60 @@
+"""Each backend's BAM combine kernels against the torch backend's definitions, in float64."""
+import pytest
+import torch
+
+from attnkern.backends import get_kernels, torch_kernels
+from conftest import backend_device_pairs
+from test_kernels import cases, expect_close, make_x, reference
+
+PAIRS = backend_device_pairs(include_torch=False)
+
+
+def attention_maps(shape, device, dtype):
+    n, c, h, w = shape
+    acc = torch_kernels.acc_dtype(dtype)
+    ca = torch.randn(n, c, dtype=torch.float64).to(device=device, dtype=acc)
+    sa = torch.randn(n, h, w, dtype=torch.float64).to(device=device, dtype=acc)
+    return ca, sa
+
+
+@pytest.mark.parametrize("backend,device", PAIRS)
+@pytest.mark.parametrize("product", [False, True])
+def test_bam_combine(backend, device, product):
+    k = get_kernels(backend)
+    for shape, dtype, fmt in cases(backend, device):
+        x = make_x(shape, dtype, fmt, device)
+        ca, sa = attention_maps(shape, device, dtype)
+        y = k.bam_combine(x, ca, sa, product)
+        assert y.dtype == dtype and y.is_contiguous(memory_format=fmt)
+        expect_close(y, reference("bam_combine", x, ca, sa, product), dtype, f"y {shape} {dtype} {fmt}")
+
+
+@pytest.mark.parametrize("backend,device", PAIRS)
+@pytest.mark.parametrize("product", [False, True])
+def test_bam_combine_backward(backend, device, product):
+    k = get_kernels(backend)
+    for shape, dtype, fmt in cases(backend, device):
+        x, grad = make_x(shape, dtype, fmt, device), make_x(shape, dtype, fmt, device)
+        ca, sa = attention_maps(shape, device, dtype)
+        dca, dsa = k.bam_combine_backward(grad, x, ca, sa, product)
+        rca, rsa = reference("bam_combine_backward", grad, x, ca, sa, product)
+        expect_close(dca, rca, dtype, f"d_channel {shape} {dtype} {fmt}")
+        expect_close(dsa, rsa, dtype, f"d_spatial {shape} {dtype} {fmt}")
+
+
+@pytest.mark.parametrize("backend,device", PAIRS)
+@pytest.mark.parametrize("product", [False, True])
+@pytest.mark.parametrize("extras", ["none", "avg", "partial", "both"])
+def test_bam_input_grad(backend, device, product, extras):
+    k = get_kernels(backend)
+    for shape, dtype, fmt in cases(backend, device):
+        n, c = shape[:2]
+        x, grad = make_x(shape, dtype, fmt, device), make_x(shape, dtype, fmt, device)
+        ca, sa = attention_maps(shape, device, dtype)
+        acc = torch_kernels.acc_dtype(dtype)
+        grad_avg = torch.randn(n, c, dtype=torch.float64).to(device=device, dtype=acc) if extras in ("avg", "both") else None
+        partial = make_x(shape, dtype, fmt, device) if extras in ("partial", "both") else None
+        dx = k.bam_input_grad(grad, x, ca, sa, product, grad_avg, partial)
+        assert dx.dtype == dtype and dx.is_contiguous(memory_format=fmt)
+        expected = reference("bam_input_grad", grad, x, ca, sa, product, grad_avg, partial)
+        expect_close(dx, expected, dtype, f"dx {shape} {dtype} {fmt}")

@@ -1,0 +1,181 @@
+"""Each backend's CBAM kernels against the torch backend's definitions (attnkern/backends/torch_kernels.py),
+computed in float64 from the same inputs."""
+import pytest
+import torch
+
+from attnkern.backends import get_kernels, torch_kernels
+from conftest import TOLERANCES, backend_device_pairs, interpreted_triton, kernel_dtypes
+
+PAIRS = backend_device_pairs(include_torch=False)
+
+SHAPES = [
+    (2, 3, 7, 7),
+    (1, 5, 13, 17),
+    (3, 16, 1, 1),
+    (2, 33, 5, 9),
+    (1, 1, 4, 6),
+    (2, 130, 3, 11),
+    (0, 4, 3, 3),
+]
+SMALL_SHAPES = [(2, 3, 7, 7), (1, 5, 13, 17), (3, 6, 1, 1), (1, 1, 4, 6), (2, 33, 3, 5)]
+MEMORY_FORMATS = [torch.contiguous_format, torch.channels_last]
+
+
+def shapes_for(backend, device):
+    return SMALL_SHAPES if interpreted_triton(backend, device) else SHAPES
+
+
+def cases(backend, device):
+    for shape in shapes_for(backend, device):
+        for dtype in kernel_dtypes(backend, device):
+            for fmt in MEMORY_FORMATS:
+                yield shape, dtype, fmt
+
+
+def make_x(shape, dtype, fmt, device):
+    return torch.randn(shape, dtype=torch.float64).to(device=device, dtype=dtype).contiguous(memory_format=fmt)
+
+
+def gate(shape, device, dtype, cols):
+    acc = torch_kernels.acc_dtype(dtype)
+    return torch.rand(shape[0], cols, dtype=torch.float64).to(device=device, dtype=acc)
+
+
+def spatial_map(shape, device, dtype):
+    acc = torch_kernels.acc_dtype(dtype)
+    n, _, h, w = shape
+    return torch.rand(n, h, w, dtype=torch.float64).to(device=device, dtype=acc)
+
+
+def to64(t):
+    return None if t is None else (t.double() if t.is_floating_point() else t)
+
+
+def expect_close(actual, expected, dtype, name):
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert actual.device == expected.device, f"{name}: device"
+    tol = TOLERANCES[dtype]
+    torch.testing.assert_close(actual.double(), expected.double(), **tol, msg=lambda m: f"{name}: {m}")
+
+
+def reference(kernel_name, *args):
+    """The torch kernel in float64 on the same (upcast) inputs."""
+    return getattr(torch_kernels, kernel_name)(*[to64(a) if isinstance(a, torch.Tensor) else a for a in args])
+
+
+@pytest.mark.parametrize("backend,device", PAIRS)
+def test_channel_pool(backend, device):
+    k = get_kernels(backend)
+    for shape, dtype, fmt in cases(backend, device):
+        x = make_x(shape, dtype, fmt, device)
+        avg, mx, arg = k.channel_pool(x)
+        ravg, rmx, rarg = reference("channel_pool", x)
+        acc = torch_kernels.acc_dtype(dtype)
+        assert avg.dtype == acc and mx.dtype == acc and arg.dtype == torch.int64
+        expect_close(avg, ravg, dtype, f"avg {shape} {dtype} {fmt}")
+        expect_close(mx, rmx, dtype, f"max {shape} {dtype} {fmt}")
+        assert torch.equal(arg, rarg), f"argmax {shape} {dtype} {fmt}"
+
+
+@pytest.mark.parametrize("backend,device", PAIRS)
+def test_spatial_pool(backend, device):
+    k = get_kernels(backend)
+    for shape, dtype, fmt in cases(backend, device):
+        x = make_x(shape, dtype, fmt, device)
+        g = gate(shape, device, dtype, shape[1])
+        pooled, arg = k.spatial_pool(x, g)
+        rpooled, rarg = reference("spatial_pool", x, g)
+        assert pooled.dtype == torch_kernels.acc_dtype(dtype) and arg.dtype == torch.int64
+        expect_close(pooled, rpooled, dtype, f"pooled {shape} {dtype} {fmt}")
+        if dtype in (torch.float32, torch.float64):
+            assert torch.equal(arg, rarg), f"argmax {shape} {dtype} {fmt}"
+
+
+@pytest.mark.parametrize("backend,device", PAIRS)
+@pytest.mark.parametrize("with_spatial", [True, False])
+def test_apply_gates(backend, device, with_spatial):
+    k = get_kernels(backend)
+    for shape, dtype, fmt in cases(backend, device):
+        x = make_x(shape, dtype, fmt, device)
+        g = gate(shape, device, dtype, shape[1])
+        s = spatial_map(shape, device, dtype) if with_spatial else None
+        y = k.apply_gates(x, g, s)
+        assert y.dtype == dtype and y.is_contiguous(memory_format=fmt)
+        expect_close(y, reference("apply_gates", x, g, s), dtype, f"y {shape} {dtype} {fmt}")
+
+
+@pytest.mark.parametrize("backend,device", PAIRS)
+def test_spatial_gate_grad(backend, device):
+    k = get_kernels(backend)
+    for shape, dtype, fmt in cases(backend, device):
+        x, grad = make_x(shape, dtype, fmt, device), make_x(shape, dtype, fmt, device)
+        g = gate(shape, device, dtype, shape[1])
+        out = k.spatial_gate_grad(grad, x, g)
+        expect_close(out, reference("spatial_gate_grad", grad, x, g), dtype, f"dMs {shape} {dtype} {fmt}")
+
+
+def _spatial_terms(shape, device, dtype):
+    n, c, h, w = shape
+    acc = torch_kernels.acc_dtype(dtype)
+    grad_pooled = torch.randn(n, 2, h, w, dtype=torch.float64).to(device=device, dtype=acc)
+    argmax = torch.randint(0, max(c, 1), (n, h, w), device=device)
+    return spatial_map(shape, device, dtype), grad_pooled, argmax
+
+
+@pytest.mark.parametrize("backend,device", PAIRS)
+@pytest.mark.parametrize("with_spatial", [True, False])
+def test_channel_gate_grad(backend, device, with_spatial):
+    k = get_kernels(backend)
+    for shape, dtype, fmt in cases(backend, device):
+        x, grad = make_x(shape, dtype, fmt, device), make_x(shape, dtype, fmt, device)
+        s, gp, arg = _spatial_terms(shape, device, dtype) if with_spatial else (None, None, None)
+        out = k.channel_gate_grad(grad, x, s, gp, arg)
+        expect_close(out, reference("channel_gate_grad", grad, x, s, gp, arg), dtype, f"dMc {shape} {dtype} {fmt}")
+
+
+@pytest.mark.parametrize("backend,device", PAIRS)
+@pytest.mark.parametrize("with_spatial", [True, False])
+@pytest.mark.parametrize("pools", ["avg", "max", "both", "none"])
+def test_cbam_input_grad(backend, device, with_spatial, pools):
+    k = get_kernels(backend)
+    for shape, dtype, fmt in cases(backend, device):
+        n, c, h, w = shape
+        acc = torch_kernels.acc_dtype(dtype)
+        x, grad = make_x(shape, dtype, fmt, device), make_x(shape, dtype, fmt, device)
+        g = gate(shape, device, dtype, c)
+        s, gp, sarg = _spatial_terms(shape, device, dtype) if with_spatial else (None, None, None)
+        grad_avg = torch.randn(n, c, dtype=torch.float64).to(device=device, dtype=acc) if pools in ("avg", "both") else None
+        grad_max, carg = None, None
+        if pools in ("max", "both"):
+            grad_max = torch.randn(n, c, dtype=torch.float64).to(device=device, dtype=acc)
+            carg = torch.randint(0, h * w, (n, c), device=device)
+        dx = k.cbam_input_grad(grad, x, g, s, gp, sarg, grad_avg, grad_max, carg)
+        assert dx.dtype == dtype and dx.is_contiguous(memory_format=fmt)
+        expected = reference("cbam_input_grad", grad, x, g, s, gp, sarg, grad_avg, grad_max, carg)
+        expect_close(dx, expected, dtype, f"dx {shape} {dtype} {fmt}")
+
+
+@pytest.mark.parametrize("backend,device", PAIRS)
+def test_max_ties_and_nan_pick_first(backend, device):
+    """The documented rule: argmax is the first maximal element; NaN counts as maximal."""
+    k = get_kernels(backend)
+    x = torch.zeros(1, 4, 3, 5, device=device)
+    x[0, :, 1, 2] = 7.0
+    x[0, :, 2, 4] = 7.0
+    x[0, 2, 0, 0] = float("nan")
+    x[0, 3, 0, 0] = float("nan")
+    avg, mx, arg = k.channel_pool(x)
+    assert arg.tolist() == [[7, 7, 0, 0]]
+    assert torch.isnan(mx[0, 2:]).all() and mx[0, :2].tolist() == [7.0, 7.0]
+    pooled, sarg = k.spatial_pool(x, torch.ones(1, 4, device=device))
+    assert sarg[0, 1, 2].item() == 0 and sarg[0, 0, 0].item() == 2
+    assert torch.isnan(pooled[0, :, 0, 0]).all()
+
+
+@pytest.mark.parametrize("backend,device", PAIRS)
+def test_rejects_bad_input(backend, device):
+    k = get_kernels(backend)
+    with pytest.raises((RuntimeError, ValueError, TypeError), match="(?i)dim|rank|4"):
+        k.channel_pool(torch.randn(2, 3, 4, device=device))
+    with pytest.raises((RuntimeError, ValueError, TypeError), match="(?i)float|dtype"):
+        k.channel_pool(torch.ones(1, 2, 3, 3, dtype=torch.int32, device=device))
