@@ -1,0 +1,58 @@
+"""Fused CBAM, SE and their gates: the reference modules with forward replaced by attnkern::cbam."""
+import torch
+
+from attnkern import backends, reference
+from attnkern.modules.common import FusedModule, bn_uses_batch_stats, check_bn_batch, update_running_stats
+from attnkern.reference import check_input
+
+__all__ = ["ChannelGate", "SpatialGate", "CBAM", "SE", "fused_cbam"]
+
+
+def fused_cbam(x, channel, spatial, backend):
+    """y = x * Mc * Ms through attnkern::cbam; channel (a ChannelGate) or spatial (a SpatialGate) may be None."""
+    backend = backends.resolve(backend, x.device)
+    channel_args = (None,) * 4 + (False, False)
+    if channel is not None:
+        channel_args = (
+            channel.fc1.weight, channel.fc1.bias, channel.fc2.weight, channel.fc2.bias,
+            "avg" in channel.pool_types, "max" in channel.pool_types,
+        )
+    spatial_args, bn = (None,) * 6 + (0.0, False), None
+    if spatial is not None:
+        bn = spatial.bn
+        if bn is None:
+            spatial_args = (spatial.conv.weight, spatial.conv.bias) + (None,) * 4 + (0.0, False)
+        else:
+            check_bn_batch(bn, x.shape[0] * x.shape[2] * x.shape[3], "SpatialGate")
+            spatial_args = (
+                spatial.conv.weight, spatial.conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+                bn.eps, bn_uses_batch_stats(bn),
+            )
+    outputs = torch.ops.attnkern.cbam(x, *channel_args, *spatial_args, backend)
+    if bn is not None:
+        update_running_stats(bn, outputs[7], outputs[8], x.shape[0] * x.shape[2] * x.shape[3])
+    return outputs[0]
+
+
+class ChannelGate(FusedModule, reference.ChannelGate):
+    def forward(self, x):
+        check_input(x, self.channels, type(self).__name__)
+        return fused_cbam(x, self, None, self.backend)
+
+
+class SE(FusedModule, reference.SE):
+    def forward(self, x):
+        check_input(x, self.channels, type(self).__name__)
+        return fused_cbam(x, self, None, self.backend)
+
+
+class SpatialGate(FusedModule, reference.SpatialGate):
+    def forward(self, x):
+        check_input(x, None, type(self).__name__)
+        return fused_cbam(x, None, self, self.backend)
+
+
+class CBAM(FusedModule, reference.CBAM):
+    def forward(self, x):
+        check_input(x, self.channels, type(self).__name__)
+        return fused_cbam(x, self.channel, self.spatial, self.backend)
