@@ -47,6 +47,14 @@ def mlp_backward(grad_gate, gate, pools, hidden, fc1_weight, fc1_bias, fc2_weigh
     )
 
 
+def _batch_stats(logits, keepdim=False):
+    """Biased (var, mean) per channel over (N, H, W); zeros for an empty batch instead of NaN."""
+    if logits.numel() == 0:
+        shape = (1, logits.shape[1], 1, 1) if keepdim else (logits.shape[1],)
+        return logits.new_zeros(shape), logits.new_zeros(shape)
+    return torch.var_mean(logits, dim=(0, 2, 3), correction=0, keepdim=keepdim)
+
+
 def spatial_forward(pooled, conv_weight, conv_bias, bn_weight, bn_bias, bn_mean, bn_var, bn_eps, bn_training):
     """Ms = sigmoid(BN(conv(pooled))) on the (N, 2, H, W) pooled map.
 
@@ -59,7 +67,7 @@ def spatial_forward(pooled, conv_weight, conv_bias, bn_weight, bn_bias, bn_mean,
     batch_mean, batch_var = pooled.new_empty(0), pooled.new_empty(0)  # distinct: op outputs may not alias
     if bn_weight is not None:
         if bn_training:
-            batch_var, batch_mean = torch.var_mean(logits, dim=(0, 2, 3), correction=0)
+            batch_var, batch_mean = _batch_stats(logits)
             mean, var = batch_mean, batch_var
         else:
             mean, var = bn_mean.to(acc), bn_var.to(acc)
@@ -77,7 +85,7 @@ def spatial_backward(grad_gate, gate, pooled, conv_weight, conv_bias, bn_weight,
     if bn_weight is not None:
         logits = F.conv2d(pooled, weight, _cast(conv_bias, acc), padding=weight.shape[-1] // 2)
         if bn_training:
-            var, mean = torch.var_mean(logits, dim=(0, 2, 3), correction=0, keepdim=True)
+            var, mean = _batch_stats(logits, keepdim=True)
         else:
             mean, var = bn_mean.to(acc).view(1, -1, 1, 1), bn_var.to(acc).view(1, -1, 1, 1)
         invstd = torch.rsqrt(var + bn_eps)

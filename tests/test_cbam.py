@@ -1,0 +1,306 @@
+"""Fused CBAM / SE / ChannelGate / SpatialGate against attnkern.reference, on every backend that can
+run here: outputs and every gradient in float64 and lower precision, both memory formats, train and
+eval, gradcheck, opcheck, torch.compile, ties and NaN, and bad input."""
+import copy
+
+import pytest
+import torch
+
+import attnkern
+from attnkern import reference
+from conftest import TOLERANCES, backend_device_pairs, interpreted_triton, kernel_dtypes
+
+PAIRS = backend_device_pairs()
+FORMATS = [torch.contiguous_format, torch.channels_last]
+
+# (module name, constructor args, kwargs, input shape)
+CONFIGS = [
+    ("CBAM", (16, 4), {}, (2, 16, 7, 7)),
+    ("CBAM", (6, 2), {"pool_types": ("max",), "mlp_bias": False}, (1, 6, 13, 17)),
+    ("CBAM", (5, 5), {"spatial_norm": False, "kernel_size": 3}, (3, 5, 1, 1)),
+    ("CBAM", (1, 1), {"pool_types": ("avg",)}, (2, 1, 4, 6)),
+    ("CBAM", (33, 8), {"spatial": False}, (2, 33, 5, 3)),
+    ("SE", (12, 4), {}, (2, 12, 5, 7)),
+    ("ChannelGate", (10, 3), {"bias": False}, (1, 10, 6, 6)),
+    ("SpatialGate", (5,), {}, (2, 3, 9, 4)),
+]
+LARGE_CONFIGS = [
+    ("CBAM", (512, 16), {}, (2, 512, 7, 7)),
+    ("CBAM", (64, 16), {}, (2, 64, 28, 28)),
+    ("CBAM", (130, 16), {}, (1, 130, 13, 17)),
+]
+
+
+def configs(backend, device):
+    return CONFIGS if interpreted_triton(backend, device) else CONFIGS + LARGE_CONFIGS
+
+
+def config_id(config):
+    name, args, kwargs, shape = config
+    return f"{name}{args}{''.join(f'-{k}={v}' for k, v in kwargs.items())}-{'x'.join(map(str, shape))}"
+
+
+def make_modules(name, args, kwargs, backend, device):
+    """(reference in float64, fused with the same random weights); BN statistics randomised too."""
+    ref = getattr(reference, name)(*args, **kwargs).double()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_(0, 0.5)
+        for buf_name, b in ref.named_buffers():
+            if "running_var" in buf_name:
+                b.uniform_(0.5, 2.0)
+            elif "running_mean" in buf_name:
+                b.normal_(0, 0.3)
+    fused = getattr(attnkern, name)(*args, **kwargs, backend=backend).double()
+    fused.load_state_dict(ref.state_dict())
+    return ref, fused.to(device)
+
+
+def params(module):
+    return [p for p in module.parameters()]
+
+
+def run(module, x, grad_out):
+    x = x.detach().requires_grad_(True)
+    y = module(x)
+    grads = torch.autograd.grad(y, [x] + params(module), grad_out.to(y.dtype))
+    return y, grads
+
+
+def assert_matches(ref, fused, x64, dtype, fmt, device, train):
+    """Fused (params float32 for low precision, x in dtype) vs the float64 reference."""
+    ref.train(train)
+    fused.train(train)
+    if dtype != torch.float64:
+        fused.float()
+    x = x64.to(device=device, dtype=dtype).contiguous(memory_format=fmt)
+    grad_out = torch.randn_like(x64)
+    y_ref, grads_ref = run(ref, x.double().cpu(), grad_out)
+    y, grads = run(fused, x, grad_out.to(device))
+    tol = TOLERANCES[dtype]
+    assert y.dtype == dtype and y.shape == x.shape
+    torch.testing.assert_close(y.double().cpu(), y_ref, **tol)
+    names = ["x"] + [n for n, _ in ref.named_parameters()]
+    for name, g, g_ref in zip(names, grads, grads_ref):
+        scale = g_ref.abs().max().item() if g_ref.numel() else 1.0
+        torch.testing.assert_close(
+            g.double().cpu(), g_ref, rtol=tol["rtol"] * 4, atol=tol["atol"] * 4 * max(scale, 1.0),
+            msg=lambda m, name=name: f"grad of {name}: {m}",
+        )
+    for (name, b), b_ref in zip(fused.named_buffers(), ref.buffers()):
+        torch.testing.assert_close(b.double().cpu(), b_ref.double(), **tol, msg=lambda m, name=name: f"buffer {name}: {m}")
+
+
+@pytest.mark.parametrize("backend,device", PAIRS)
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_matches_reference_float64(backend, device, train):
+    for config in configs(backend, device):
+        name, args, kwargs, shape = config
+        for fmt in FORMATS:
+            ref, fused = make_modules(name, args, kwargs, backend, device)
+            try:
+                assert_matches(ref, fused, torch.randn(shape, dtype=torch.float64), torch.float64, fmt, device, train)
+            except AssertionError as e:
+                raise AssertionError(f"{config_id(config)} {fmt}: {e}") from None
+
+
+@pytest.mark.parametrize("backend,device", PAIRS)
+def test_matches_reference_low_precision(backend, device):
+    for dtype in kernel_dtypes(backend, device):
+        if dtype == torch.float64:
+            continue
+        for config in configs(backend, device)[:3]:
+            name, args, kwargs, shape = config
+            for fmt in FORMATS:
+                ref, fused = make_modules(name, args, kwargs, backend, device)
+                try:
+                    assert_matches(ref, fused, torch.randn(shape, dtype=torch.float64), dtype, fmt, device, True)
+                except AssertionError as e:
+                    raise AssertionError(f"{config_id(config)} {dtype} {fmt}: {e}") from None
+
+
+@pytest.mark.parametrize("backend,device", PAIRS)
+def test_empty_batch(backend, device):
+    ref, fused = make_modules("CBAM", (8, 2), {}, backend, device)
+    x = torch.randn(0, 8, 5, 5, dtype=torch.float64, device=device, requires_grad=True)
+    y = fused(x)
+    assert y.shape == x.shape
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    assert fused.spatial.bn.num_batches_tracked.item() == 0
+
+
+@pytest.mark.parametrize("backend,device", PAIRS)
+def test_training_steps_keep_running_stats_equal(backend, device):
+    ref, fused = make_modules("CBAM", (8, 2), {}, backend, device)
+    for bn in (ref.spatial.bn, fused.spatial.bn):
+        bn.momentum = None  # cumulative average: the other branch of nn.BatchNorm's update
+    for _ in range(3):
+        x = torch.randn(3, 8, 5, 4, dtype=torch.float64)
+        ref(x)
+        fused(x.to(device))
+    for (name, b), b_ref in zip(fused.named_buffers(), ref.buffers()):
+        torch.testing.assert_close(b.cpu(), b_ref, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("backend,device", PAIRS)
+def test_single_value_batchnorm_raises_like_batchnorm(backend, device):
+    _, fused = make_modules("CBAM", (8, 2), {}, backend, device)
+    with pytest.raises(ValueError, match="more than 1 value"):
+        fused(torch.randn(1, 8, 1, 1, dtype=torch.float64, device=device))
+    fused.eval()
+    assert fused(torch.randn(1, 8, 1, 1, dtype=torch.float64, device=device)).shape == (1, 8, 1, 1)
+
+
+@pytest.mark.parametrize("backend,device", PAIRS)
+def test_max_ties_and_nan(backend, device):
+    """Ties: the gradient goes to the first maximal element, as torch.max(dim) (the reference) does.
+    NaN propagates to the output like torch.max."""
+    ref, fused = make_modules("CBAM", (4, 2), {}, backend, device)
+    ref.eval()
+    fused.eval()
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    x[:, :, 1, 1] = 3.0
+    x[:, :, 3, 2] = 3.0  # a tie in every channel's spatial max
+    x[:, 1] = x[:, 0]  # and between channels 0 and 1 everywhere
+    assert_matches(ref, fused, x, torch.float64, torch.contiguous_format, device, False)
+    x_nan = x.clone()
+    x_nan[0, 2, 4, 4] = float("nan")
+    y = fused(x_nan.to(device))
+    assert torch.isnan(y[0]).any() and not torch.isnan(y[1]).any()
+
+
+def small_op_args(device, dtype=torch.float64, training=False, spatial=True, channel=True):
+    g = torch.Generator().manual_seed(1)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g, dtype=dtype).to(device)
+
+    c, hidden = 6, 3
+    x = r(2, c, 5, 4)
+    ch = (r(hidden, c), r(hidden), r(c, hidden), r(c)) if channel else (None,) * 4
+    sp = (r(1, 2, 3, 3), None, r(1), r(1), r(1), torch.rand(1, generator=g, dtype=dtype).to(device) + 0.5) if spatial else (None,) * 6
+    return (x, *ch, True, True, *sp, 1e-5, training)
+
+
+@pytest.mark.parametrize("backend,device", PAIRS)
+@pytest.mark.parametrize("training", [False, True])
+def test_gradcheck(backend, device, training):
+    args = list(small_op_args(device, training=training))
+    diff = [0, 1, 2, 3, 4, 7, 9, 10]
+    for i in diff:
+        args[i] = args[i].requires_grad_(True)
+
+    def f(*inputs):
+        full = list(args)
+        for i, t in zip(diff, inputs):
+            full[i] = t
+        return torch.ops.attnkern.cbam(*full, backend)[0]
+
+    assert torch.autograd.gradcheck(f, [args[i] for i in diff], eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend,device", PAIRS)
+@pytest.mark.parametrize("variant", ["full", "channel_only", "spatial_only"])
+def test_opcheck(backend, device, variant):
+    args = list(small_op_args(device, training=variant == "full", spatial=variant != "channel_only", channel=variant != "spatial_only"))
+    for i in (0, 1, 2, 3, 4, 7, 9, 10):
+        if args[i] is not None:
+            args[i] = args[i].requires_grad_(True)
+    torch.library.opcheck(torch.ops.attnkern.cbam.default, (*args, backend))
+
+
+@pytest.mark.parametrize("backend,device", [p for p in PAIRS if p.values[0] in ("cpu", "cuda")])
+def test_opcheck_compiled_kernels(backend, device):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 5, 3, 4, generator=g, dtype=torch.float64).to(device)
+    grad = torch.randn_like(x)
+    gate = torch.rand(2, 5, generator=g, dtype=torch.float64).to(device)
+    smap = torch.rand(2, 3, 4, generator=g, dtype=torch.float64).to(device)
+    gp = torch.randn(2, 2, 3, 4, generator=g, dtype=torch.float64).to(device)
+    sarg = torch.randint(0, 5, (2, 3, 4), generator=g).to(device)
+    carg = torch.randint(0, 12, (2, 5), generator=g).to(device)
+    ops = torch.ops.attnkern
+    for xx, gg in ((x, grad), (x.to(memory_format=torch.channels_last), grad.to(memory_format=torch.channels_last))):
+        torch.library.opcheck(ops.channel_pool.default, (xx,))
+        torch.library.opcheck(ops.spatial_pool.default, (xx, gate))
+        torch.library.opcheck(ops.apply_gates.default, (xx, gate, smap))
+        torch.library.opcheck(ops.spatial_gate_grad.default, (gg, xx, gate))
+        torch.library.opcheck(ops.channel_gate_grad.default, (gg, xx, smap, gp, sarg))
+        torch.library.opcheck(ops.cbam_input_grad.default, (gg, xx, gate, smap, gp, sarg, gate, gate, carg))
+        for product in (False, True):
+            torch.library.opcheck(ops.bam_combine.default, (xx, gate, smap, product))
+            torch.library.opcheck(ops.bam_combine_backward.default, (gg, xx, gate, smap, product))
+            torch.library.opcheck(ops.bam_input_grad.default, (gg, xx, gate, smap, product, gate, gg))
+
+
+@pytest.mark.parametrize("backend,device", [p for p in PAIRS if not interpreted_triton(*p.values)])
+def test_torch_compile_fullgraph(backend, device):
+    torch._dynamo.reset()
+    ref, fused = make_modules("CBAM", (16, 4), {}, backend, device)
+    fused.float()
+    eager = copy.deepcopy(fused)
+    compiled = torch.compile(fused, fullgraph=True)
+    x = torch.randn(2, 16, 6, 5, device=device)
+    grad = torch.randn_like(x)
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    ya, yb = eager(xa), compiled(xb)
+    ya.backward(grad)
+    yb.backward(grad)
+    torch.testing.assert_close(yb, ya)
+    torch.testing.assert_close(xb.grad, xa.grad)
+    for (name, pa), pb in zip(eager.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(pb.grad, pa.grad, msg=lambda m, name=name: f"{name}: {m}")
+    for (name, ba), bb in zip(eager.named_buffers(), fused.buffers()):
+        torch.testing.assert_close(bb, ba, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("backend,device", [p for p in PAIRS if p.values[0] != "triton"])
+def test_autocast_keeps_float32_params(backend, device):
+    _, fused = make_modules("CBAM", (16, 4), {}, backend, device)
+    fused.float()
+    x = torch.randn(2, 16, 5, 5, device=device).to(torch.bfloat16).requires_grad_(True)
+    with torch.autocast(device_type=device, dtype=torch.bfloat16):
+        y = fused(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.bfloat16 and fused.channel.fc1.weight.grad.dtype == torch.float32
+
+
+def test_state_dict_and_constructor_match_reference():
+    for name, args, kwargs, _ in CONFIGS:
+        ref = getattr(reference, name)(*args, **kwargs)
+        fused = getattr(attnkern, name)(*args, **kwargs)
+        assert list(ref.state_dict()) == list(fused.state_dict())
+        assert isinstance(fused, type(ref))
+        fused.load_state_dict(ref.state_dict())
+
+
+def test_fused_loads_authors_layout():
+    from test_reference import AuthorsCBAM
+
+    theirs = AuthorsCBAM(32, 8).double().eval()
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.normal_()
+    fused = attnkern.CBAM(32, 8).double().eval()
+    fused.load_state_dict(theirs.state_dict())
+    x = torch.randn(2, 32, 7, 9, dtype=torch.float64)
+    torch.testing.assert_close(fused(x), theirs(x))
+
+
+def test_bad_input_and_backend():
+    m = attnkern.CBAM(8, 2)
+    with pytest.raises(ValueError, match="4-D"):
+        m(torch.randn(8, 5, 5))
+    with pytest.raises(ValueError, match="channels"):
+        m(torch.randn(2, 4, 5, 5))
+    with pytest.raises(TypeError, match="floating"):
+        m(torch.ones(2, 8, 5, 5, dtype=torch.int64))
+    with pytest.raises(ValueError, match="unknown backend"):
+        attnkern.CBAM(8, 2, backend="metal")
+    with pytest.raises(ValueError, match="no hidden unit"):
+        attnkern.SE(8, 16)
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="cannot run cpu tensors"):
+            attnkern.CBAM(8, 2, backend="cuda")(torch.randn(2, 8, 5, 5))
