@@ -26,6 +26,12 @@ TORCH_LIBRARY(attnkern, m) {
   // dx = g1 * channel_gate[n,c] + grad_avg[n,c] / HW + grad_max[n,c] * (hw == channel_argmax[n,c]),
   // g1 as in channel_gate_grad; grad_avg / grad_max (and channel_argmax) optional.
   m.def("cbam_input_grad(Tensor grad, Tensor x, Tensor channel_gate, Tensor? spatial_gate, Tensor? grad_pooled, Tensor? spatial_argmax, Tensor? grad_avg, Tensor? grad_max, Tensor? channel_argmax) -> Tensor");
+  // The spatial gate's k x k "same" convolution of the small pooled map, which ATen runs slowly
+  // for so few channels: out[n,0] = bias + sum_{c,i,j} weight[0,c,i,j] * pooled[n,c,h+i-k/2,w+j-k/2],
+  // zero padding; pooled (N,Cin,H,W) and weight (1,Cin,k,k) in one float dtype, k odd.
+  m.def("spatial_conv(Tensor pooled, Tensor weight, Tensor? bias) -> Tensor");
+  // Its backward without the bias term: (grad_pooled (N,Cin,H,W), grad_weight (1,Cin,k,k)).
+  m.def("spatial_conv_backward(Tensor grad, Tensor pooled, Tensor weight) -> (Tensor grad_pooled, Tensor grad_weight)");
   // BAM: y = x * (1 + sigmoid(a)), a = channel_att[n,c] + spatial_att[n,h,w] (product: a = ca * sa).
   m.def("bam_combine(Tensor x, Tensor channel_att, Tensor spatial_att, bool product) -> Tensor");
   // The reductions of BAM's combine backward, one pass over (grad, x): with M = sigmoid(a) and

@@ -179,3 +179,20 @@ def test_rejects_bad_input(backend, device):
         k.channel_pool(torch.randn(2, 3, 4, device=device))
     with pytest.raises((RuntimeError, ValueError, TypeError), match="(?i)float|dtype"):
         k.channel_pool(torch.ones(1, 2, 3, 3, dtype=torch.int32, device=device))
+
+
+@pytest.mark.parametrize("backend,device", PAIRS)
+def test_spatial_conv(backend, device):
+    k = get_kernels(backend)
+    for (n, cin, h, w), size in [((3, 2, 7, 9), 7), ((2, 2, 1, 1), 7), ((1, 2, 13, 17), 3), ((2, 3, 5, 4), 5), ((0, 2, 4, 4), 7)]:
+        for dtype in (torch.float32, torch.float64):
+            pooled = torch.randn(n, cin, h, w, dtype=torch.float64).to(device=device, dtype=dtype)
+            weight = torch.randn(1, cin, size, size, dtype=torch.float64).to(device=device, dtype=dtype)
+            bias = torch.randn(1, dtype=torch.float64).to(device=device, dtype=dtype)
+            grad = torch.randn(n, 1, h, w, dtype=torch.float64).to(device=device, dtype=dtype)
+            for b in (None, bias):
+                expect_close(k.spatial_conv(pooled, weight, b), reference("spatial_conv", pooled, weight, b), dtype, f"conv {h}x{w} k{size}")
+            grad_pooled, grad_weight = k.spatial_conv_backward(grad, pooled, weight)
+            ref_pooled, ref_weight = reference("spatial_conv_backward", grad, pooled, weight)
+            expect_close(grad_pooled, ref_pooled, dtype, f"conv grad_pooled {h}x{w} k{size}")
+            expect_close(grad_weight, ref_weight, dtype, f"conv grad_weight {h}x{w} k{size}")

@@ -26,15 +26,23 @@ KERNEL_NAMES = (
     "spatial_gate_grad",
     "channel_gate_grad",
     "cbam_input_grad",
+    "spatial_conv",
+    "spatial_conv_backward",
     "bam_combine",
     "bam_combine_backward",
     "bam_input_grad",
 )
 
 
-def _compiled_kernels():
+def _with_fallbacks(kernels):
+    """A backend's kernels, with the torch definition standing in for any it does not implement."""
+    return types.SimpleNamespace(**{name: kernels.get(name, getattr(torch_kernels, name)) for name in KERNEL_NAMES})
+
+
+@functools.cache
+def _compiled_kernels(dispatch_key):
     ops = torch.ops.attnkern
-    return types.SimpleNamespace(**{name: getattr(ops, name) for name in KERNEL_NAMES})
+    return _with_fallbacks({n: getattr(ops, n) for n in KERNEL_NAMES if _extension.has_kernel(dispatch_key, n)})
 
 
 def triton_interpreted():
@@ -54,7 +62,7 @@ def _triton_kernels():
         except ModuleNotFoundError as exc:
             if exc.name != module:
                 raise
-    return types.SimpleNamespace(**merged)
+    return _with_fallbacks(merged)
 
 
 def _supports(backend, device_type):
@@ -121,7 +129,7 @@ def get_kernels(backend):
     if backend == "torch":
         return torch_kernels
     if backend in ("cpu", "cuda"):
-        return _compiled_kernels()
+        return _compiled_kernels(backend.upper())
     if backend == "triton":
         kernels = _cached_triton()
         if kernels is None:

@@ -10,6 +10,8 @@ __all__ = [
     "spatial_gate_grad",
     "channel_gate_grad",
     "cbam_input_grad",
+    "spatial_conv",
+    "spatial_conv_backward",
     "bam_combine",
     "bam_combine_backward",
     "bam_input_grad",
@@ -75,6 +77,18 @@ def cbam_input_grad(grad, x, channel_gate, spatial_gate, grad_pooled, spatial_ar
         onehot = torch.arange(h * w, device=x.device)[None, None, :] == channel_argmax[:, :, None]
         dx = dx + (grad_max[:, :, None] * onehot).view(n, c, h, w)
     return dx.to(x.dtype)
+
+
+def spatial_conv(pooled, weight, bias):
+    return torch.nn.functional.conv2d(pooled, weight, bias, padding=weight.shape[-1] // 2)
+
+
+def spatial_conv_backward(grad, pooled, weight):
+    pad = weight.shape[-1] // 2
+    grad_pooled, grad_weight, _ = torch.ops.aten.convolution_backward(
+        grad, pooled, weight, None, [1, 1], [pad, pad], [1, 1], False, [0, 0], 1, [True, True, False]
+    )
+    return grad_pooled, grad_weight
 
 
 def _bam_attention(channel_att, spatial_att, product):

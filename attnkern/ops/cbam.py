@@ -69,7 +69,7 @@ def cbam(
     if conv_weight is not None:
         pooled, spatial_argmax = kernels.spatial_pool(x, channel_gate)
         spatial_gate, batch_mean, batch_var = gate_math.spatial_forward(
-            pooled, conv_weight, conv_bias, bn_weight, bn_bias, bn_running_mean, bn_running_var, bn_eps, bn_training
+            kernels, pooled, conv_weight, conv_bias, bn_weight, bn_bias, bn_running_mean, bn_running_var, bn_eps, bn_training
         )
     else:
         # Placeholders for absent outputs; each its own tensor, since op outputs may not alias.
@@ -135,7 +135,7 @@ def cbam_backward(
     if conv_weight is not None:
         grad_spatial_gate = kernels.spatial_gate_grad(grad, x, channel_gate)
         grad_pooled, *spatial_param_grads = gate_math.spatial_backward(
-            grad_spatial_gate, spatial_gate, pooled, conv_weight, conv_bias,
+            kernels, grad_spatial_gate, spatial_gate, pooled, conv_weight, conv_bias,
             bn_weight, bn_bias, bn_running_mean, bn_running_var, bn_eps, bn_training,
         )
         spatial_args = (spatial_gate, grad_pooled, spatial_argmax)

@@ -55,15 +55,14 @@ def _batch_stats(logits, keepdim=False):
     return torch.var_mean(logits, dim=(0, 2, 3), correction=0, keepdim=keepdim)
 
 
-def spatial_forward(pooled, conv_weight, conv_bias, bn_weight, bn_bias, bn_mean, bn_var, bn_eps, bn_training):
-    """Ms = sigmoid(BN(conv(pooled))) on the (N, 2, H, W) pooled map.
+def spatial_forward(kernels, pooled, conv_weight, conv_bias, bn_weight, bn_bias, bn_mean, bn_var, bn_eps, bn_training):
+    """Ms = sigmoid(BN(conv(pooled))) on the (N, 2, H, W) pooled map (conv: kernels.spatial_conv).
 
     BN (when bn_weight is given) normalises with batch statistics in training and running
     statistics otherwise. Returns (Ms (N, H, W), batch_mean, batch_var): the biased batch
     statistics the caller folds into the running ones, empty when not training."""
     acc = pooled.dtype
-    weight = conv_weight.to(acc)
-    logits = F.conv2d(pooled, weight, _cast(conv_bias, acc), padding=weight.shape[-1] // 2)
+    logits = kernels.spatial_conv(pooled, conv_weight.to(acc), _cast(conv_bias, acc))
     batch_mean, batch_var = pooled.new_empty(0), pooled.new_empty(0)  # distinct: op outputs may not alias
     if bn_weight is not None:
         if bn_training:
@@ -76,14 +75,14 @@ def spatial_forward(pooled, conv_weight, conv_bias, bn_weight, bn_bias, bn_mean,
     return torch.sigmoid(logits[:, 0]), batch_mean, batch_var
 
 
-def spatial_backward(grad_gate, gate, pooled, conv_weight, conv_bias, bn_weight, bn_bias, bn_mean, bn_var, bn_eps, bn_training):
+def spatial_backward(kernels, grad_gate, gate, pooled, conv_weight, conv_bias, bn_weight, bn_bias, bn_mean, bn_var, bn_eps, bn_training):
     """Returns (grad_pooled (N, 2, H, W), d conv_weight, d conv_bias, d bn_weight, d bn_bias)."""
     acc = pooled.dtype
     weight = conv_weight.to(acc)
     grad_logits = (grad_gate * gate * (1 - gate)).unsqueeze(1)  # (N, 1, H, W)
     grad_bn_weight = grad_bn_bias = None
     if bn_weight is not None:
-        logits = F.conv2d(pooled, weight, _cast(conv_bias, acc), padding=weight.shape[-1] // 2)
+        logits = kernels.spatial_conv(pooled, weight, _cast(conv_bias, acc))
         if bn_training:
             var, mean = _batch_stats(logits, keepdim=True)
         else:
@@ -100,19 +99,8 @@ def spatial_backward(grad_gate, gate, pooled, conv_weight, conv_bias, bn_weight,
                 - normalized * (grad_normalized * normalized).mean(dim=(0, 2, 3), keepdim=True)
             )
         grad_logits = grad_normalized * invstd
-    grad_pooled, grad_conv_weight, grad_conv_bias = torch.ops.aten.convolution_backward(
-        grad_logits,
-        pooled,
-        weight,
-        [weight.shape[0]] if conv_bias is not None else None,
-        [1, 1],
-        [weight.shape[-1] // 2] * 2,
-        [1, 1],
-        False,
-        [0, 0],
-        1,
-        [True, True, conv_bias is not None],
-    )
+    grad_pooled, grad_conv_weight = kernels.spatial_conv_backward(grad_logits, pooled, weight)
+    grad_conv_bias = grad_logits.sum(dim=(0, 2, 3)) if conv_bias is not None else None
     return (
         grad_pooled,
         _param_grad(grad_conv_weight, conv_weight, pooled),

@@ -39,6 +39,15 @@ def _register():
     def _(grad, x, *_):
         return torch.empty_like(x)
 
+    @fake("attnkern::spatial_conv")
+    def _(pooled, weight, bias):
+        n, _, h, w = pooled.shape
+        return pooled.new_empty((n, 1, h, w))
+
+    @fake("attnkern::spatial_conv_backward")
+    def _(grad, pooled, weight):
+        return torch.empty_like(pooled), torch.empty_like(weight)
+
     @fake("attnkern::bam_combine")
     def _(x, channel_att, spatial_att, product):
         return torch.empty_like(x)
