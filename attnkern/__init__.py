@@ -7,10 +7,11 @@
 from attnkern import ops, reference  # noqa: F401  (ops registers attnkern::* with torch.library)
 from attnkern._extension import LOAD_ERROR as extension_load_error
 from attnkern.backends import BACKENDS, available_backends
-from attnkern.modules import CBAM, SE, ChannelGate, SpatialGate
+from attnkern.modules import BAM, CBAM, SE, ChannelGate, SpatialGate
 
 __all__ = [
     "BACKENDS",
+    "BAM",
     "CBAM",
     "SE",
     "ChannelGate",

@@ -1,0 +1,55 @@
+"""Fused BAM: the reference module with forward replaced by attnkern::bam."""
+import torch
+
+from attnkern import backends, reference
+from attnkern.modules.common import FusedModule, bn_uses_batch_stats, check_bn_batch, update_running_stats
+from attnkern.reference import check_input
+
+__all__ = ["BAM", "fused_bam", "bam_op_inputs"]
+
+
+def _layers(module):
+    """(convs and Linears in attnkern::bam's order, BatchNorms in its order)."""
+    channel, spatial = module.channel, module.spatial
+    convs = [channel.fc1, channel.fc2, spatial.reduce, *spatial.dilated, spatial.final]
+    return convs, [channel.bn, spatial.reduce_bn, *spatial.dilated_bn]
+
+
+def bam_op_inputs(module, x):
+    """attnkern::bam's arguments, all but backend, for a reference.BAM's parameters and buffers."""
+    convs, bns = _layers(module)
+    empty = x.new_empty(0)
+    return (
+        x,
+        [conv.weight for conv in convs],
+        [conv.bias for conv in convs],
+        [bn.weight for bn in bns],
+        [bn.bias for bn in bns],
+        [empty if bn.running_mean is None else bn.running_mean for bn in bns],
+        [empty if bn.running_var is None else bn.running_var for bn in bns],
+        [bn.eps for bn in bns],
+        [bn_uses_batch_stats(bn) for bn in bns],
+        module.spatial.dilation,
+        module.combine == "product",
+    )
+
+
+def fused_bam(x, module, backend):
+    """y = x * (1 + sigmoid(Mc op Ms)) through attnkern::bam for a reference.BAM's parameters;
+    its BatchNorms' running statistics are updated as nn.BatchNorm's would be."""
+    backend = backends.resolve(backend, x.device)
+    n, _, h, w = x.shape
+    _, bns = _layers(module)
+    counts = [n] + [n * h * w] * (len(bns) - 1)  # values per channel: BatchNorm1d on (N, Ch), then BatchNorm2d
+    for bn, count in zip(bns, counts):
+        check_bn_batch(bn, count, type(module).__name__)
+    outputs = torch.ops.attnkern.bam(*bam_op_inputs(module, x), backend)
+    for bn, count, mean, var in zip(bns, counts, outputs[5], outputs[6]):
+        update_running_stats(bn, mean, var, count)
+    return outputs[0]
+
+
+class BAM(FusedModule, reference.BAM):
+    def forward(self, x):
+        check_input(x, self.channels, type(self).__name__)
+        return fused_bam(x, self, self.backend)
