@@ -35,8 +35,8 @@ def _want_cuda():
 
 def _extension():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-std=c++17", "-fopenmp", "-DAT_PARALLEL_OPENMP=1" if torch.backends.openmp.is_available() else ""]
-    cxx = [f for f in cxx if f]
+    # No -std: BuildExtension picks the standard the installed torch's headers want.
+    cxx = ["-O3", "-fopenmp"]
     if _env_flag("ATTNKERN_NATIVE"):
         cxx.append("-march=native")
     common = dict(
@@ -49,8 +49,8 @@ def _extension():
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
-        nvcc = ["-O3", "--use_fast_math", "-lineinfo", "-std=c++17"]
-        return CUDAExtension(sources=sources, extra_compile_args={"cxx": cxx + ["-DATTNKERN_WITH_CUDA"], "nvcc": nvcc}, **common)
+        nvcc = ["-O3", "--use_fast_math", "-lineinfo"]
+        return CUDAExtension(sources=sources, extra_compile_args={"cxx": cxx, "nvcc": nvcc}, **common)
     return CppExtension(sources=sources, extra_compile_args={"cxx": cxx}, **common)
 
 
