@@ -34,8 +34,8 @@ LARGE_CONFIGS = [
     ((130, 16), {}, (2, 130, 9, 11)),
 ]
 # Low precision needs batches of several samples: with N = 2, BatchNorm1d's batch variance over two
-# pooled vectors can be ~1e-4, and its backward then amplifies float32 rounding a hundredfold (eager
-# float32 shows the same) in gradients that are zero in exact arithmetic (fc1's bias).
+# pooled vectors can be ~1e-4, and its backward then scales float32 rounding by 1 / sqrt(var) ~ 100 in
+# fc1's gradient (seen at one seed in 12 with N = 2; none in 12 with these shapes).
 LOW_PRECISION_CONFIGS = [
     ((16, 4), {}, (8, 16, 7, 7)),
     ((12, 4), {}, (6, 12, 13, 17)),
@@ -85,11 +85,12 @@ def low_precision_reduce_conv(ref, dtype):
     shift; the hook returns the pre-BN value that the reference's BN maps to exactly that.
     Everything else stays float64.
 
-    Why: BAM's spatial branch is ill-conditioned with respect to that one rounding. In the float64
-    reference alone, perturbing the reduce output by 2**-9 relative noise (bf16's rounding) moves the
-    gradients of the spatial layers by 10-50% of their largest element (ReLU gates flip, and each
-    flip moves a sum of only a few hundred terms), so comparing the bf16 op with the exact
-    reference would measure BAM's conditioning, not the fused op."""
+    Why: on these small test shapes the spatial branch's gradients are ill-conditioned with respect
+    to that one rounding. In the float64 reference alone, perturbing the reduce output by 2**-9
+    relative noise (bf16's rounding) moves the gradients of the spatial layers' parameters by 10-50%
+    of their largest element, in train and eval mode (presumably ReLU gates near zero flipping, in
+    sums of a few hundred terms), so comparing the bf16 op with the exact reference would measure
+    that conditioning, not the fused op."""
     bn = ref.spatial.reduce_bn
 
     def hook(module, inputs, out):
@@ -103,22 +104,6 @@ def low_precision_reduce_conv(ref, dtype):
 
     ref.spatial.reduce.register_forward_hook(hook)
     return ref
-
-
-def calibrate_running_stats(ref, fused, x):
-    """Sets the BN running statistics to x's batch statistics, as training on such data would leave
-    them. With random running statistics (the float64 tests) the eval-mode logits reach the
-    hundreds, where sigmoid'(a) changes by |a| times any relative rounding of a: fine in float64,
-    meaningless to compare in bf16."""
-    bns = [m for m in ref.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    momenta = [bn.momentum for bn in bns]
-    for bn in bns:
-        bn.momentum = 1.0
-    with torch.no_grad():
-        ref.train()(x)
-    for bn, momentum in zip(bns, momenta):
-        bn.momentum = momentum
-    fused.load_state_dict(ref.state_dict())
 
 
 @pytest.mark.parametrize("backend,device", PAIRS)
@@ -135,7 +120,6 @@ def test_matches_reference_low_precision(backend, device, combine):
                 for train in (True, False):
                     x = torch.randn(shape, dtype=torch.float64)
                     ref, fused = make_modules("BAM", args, with_combine(kwargs, combine), backend, device)
-                    calibrate_running_stats(ref, fused, x)
                     ref = low_precision_reduce_conv(ref, dtype)
                     try:
                         assert_matches(ref, fused, x, dtype, fmt, device, train)
@@ -324,10 +308,6 @@ def test_fused_loads_authors_layout(train):
     fused.load_state_dict(theirs.state_dict())
     x = torch.randn(3, 32, 7, 9, dtype=torch.float64)
     torch.testing.assert_close(fused(x), theirs(x))
-    ours = {k: v for k, v in attnkern.BAM(32, 8).double().state_dict().items()}
-    converted = attnkern.BAM(32, 8).double()
-    converted.load_state_dict(theirs.state_dict())
-    assert list(converted.state_dict()) == list(ours)
     for (name, b), b_theirs in zip(fused.named_buffers(), theirs.buffers()):
         torch.testing.assert_close(b, b_theirs, msg=lambda m, name=name: f"{name}: {m}")
 

@@ -18,9 +18,11 @@ writes its input gradient (full size, x's dtype), which bam_input_grad adds into
 dx = grad * (1 + M) + d avg / HW + that partial.
 
 BatchNorm: in training each BN normalises with batch statistics, which the op returns (biased
-variance) for the module to fold into its running buffers; the op never mutates. In eval each BN is
-folded into the conv before it (W' = W * s, b' = (b - mean) * s + beta, s = gamma / sqrt(var + eps)),
-so the layer is one conv; its backward runs the conv backward with W' and maps the result back:
+variance) for the module to fold into its running buffers; the op never mutates (and the bias of the
+conv before such a BN cancels out of the output, so its gradient is returned as an exact zero). In
+eval each BN is folded into the conv before it (W' = W * s, b' = (b - mean) * s + beta,
+s = gamma / sqrt(var + eps)), so the layer is one conv; its backward runs the conv backward with W'
+and maps the result back:
 dW = dW' * s, db = db' * s, dbeta = db', dgamma = (<W, dW'> + (b - mean) . db') / sqrt(var + eps),
 which needs no division by gamma.
 
@@ -139,7 +141,13 @@ def _stack_backward(grad_logits, inp, weights, biases, bns, hidden, dilation, ac
             g.to(a_in.dtype), a_in, conv_weight.to(a_in.dtype), None, [1, 1], _padding(weight, dilation),
             [dilation, dilation], False, [0, 0], 1, [True, True, False],
         )
-        grad_weight, grad_bias = grad_weight.to(acc), g.sum(dim=(0, 2, 3))
+        grad_weight = grad_weight.to(acc)
+        if bn is not None and bn.training:
+            # A bias before a batch-statistics BN cancels out of the output: its gradient is exactly
+            # zero (summing g would return only rounding noise, large where the batch variance is small).
+            grad_bias = g.new_zeros(g.shape[1])
+        else:
+            grad_bias = g.sum(dim=(0, 2, 3))
         if bn is not None and not bn.training:  # eval: map the folded conv's grads back
             centred_bias = biases[k].to(acc) - bn.mean.to(acc)
             grad_gammas[k] = ((weight * grad_weight).sum(dim=(1, 2, 3)) + centred_bias * grad_bias) * invstd
