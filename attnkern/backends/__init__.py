@@ -9,6 +9,7 @@ A backend is one module exposing the kernel functions; registering it here is al
 """
 import functools
 import importlib
+import importlib.util
 import os
 import types
 
@@ -49,12 +50,9 @@ def triton_interpreted():
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@functools.cache
 def _triton_kernels():
-    """The Triton kernels, or None where Triton is missing. Each file holds one module's kernels."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return None
+    """The Triton kernels (imported on first use: importing Triton is slow). Each file holds one module's kernels."""
     merged = {}
     for module in ("attnkern.backends.triton_cbam", "attnkern.backends.triton_bam"):
         try:
@@ -75,19 +73,8 @@ def _supports(backend, device_type):
     if backend == "triton":
         if device_type == "cpu" and not triton_interpreted():
             return False
-        return device_type in ("cuda", "cpu") and _cached_triton() is not None
+        return device_type in ("cuda", "cpu") and importlib.util.find_spec("triton") is not None
     return False
-
-
-@functools.cache
-def _cached_triton():
-    return _triton_kernels()
-
-
-def available_backends(device="cpu"):
-    """The backends that can run on `device` here, fastest first."""
-    device_type = torch.device(device).type
-    return [b for b in _PREFERENCE[device_type if device_type in _PREFERENCE else "other"] if _supports(b, device_type)]
 
 
 # What "auto" picks, per device type: the first available. On CUDA the CUDA C++ kernels come
@@ -97,6 +84,19 @@ _PREFERENCE = {
     "cuda": ("cuda", "triton", "torch"),
     "other": ("torch",),
 }
+
+# Decided once, at import (the compiled kernels are registered by then), so that resolving a
+# backend inside torch.compile is a dictionary lookup rather than a dispatcher query.
+_AVAILABLE = {
+    device_type: tuple(b for b in preference if _supports(b, device_type))
+    for device_type, preference in _PREFERENCE.items()
+}
+
+
+def available_backends(device="cpu"):
+    """The backends that can run on `device` here, fastest first."""
+    device_type = torch.device(device).type
+    return list(_AVAILABLE.get(device_type, _AVAILABLE["other"]))
 
 
 def check_backend_name(backend):
@@ -111,7 +111,7 @@ def resolve(backend, device):
     device_type = torch.device(device).type
     if backend == "auto":
         return available_backends(device)[0]
-    if not _supports(backend, device_type):
+    if backend not in _AVAILABLE.get(device_type, _AVAILABLE["other"]):
         reason = ""
         if backend in ("cpu", "cuda") and _extension.LOAD_ERROR is not None:
             reason = f" (attnkern._C failed to load: {_extension.LOAD_ERROR})"
@@ -131,9 +131,6 @@ def get_kernels(backend):
     if backend in ("cpu", "cuda"):
         return _compiled_kernels(backend.upper())
     if backend == "triton":
-        kernels = _cached_triton()
-        if kernels is None:
-            raise RuntimeError("backend 'triton' needs the triton package")
-        return kernels
+        return _triton_kernels()
     raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
 

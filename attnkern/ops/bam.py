@@ -42,7 +42,7 @@ from torch import Tensor
 
 from attnkern.backends import get_kernels
 from attnkern.backends.torch_kernels import acc_dtype
-from attnkern.ops.cbam import dense, like_x
+from attnkern.ops.common import dense, like_x, without_autocast
 
 CHANNEL_LAYERS = 2  # fc1, fc2 lead `weights` and `biases`; the spatial convs follow
 
@@ -171,6 +171,7 @@ def _check_layout(weights, biases, bns):
 
 
 @torch.library.custom_op("attnkern::bam", mutates_args=())
+@without_autocast
 def bam(
     x: Tensor,
     weights: list[Tensor],
@@ -186,15 +187,8 @@ def bam(
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, list[Tensor], list[Tensor], list[Tensor]]:
     """Returns (y, avg (N, C), Mc (N, C), Ms (N, H, W), hidden maps, BN batch means, BN batch vars)."""
-    with _no_autocast(x):
-        return _bam_forward(x, weights, biases, bn_weights, bn_biases, bn_running_means, bn_running_vars, bn_eps,
-                            bn_training, dilation, product, backend)
-
-
-def _no_autocast(x):
-    """The op's dtypes are its own (module docstring); an enclosing autocast would recast its
-    small convs to bf16 / fp16 behind its back."""
-    return torch.autocast(x.device.type, enabled=False)
+    return _bam_forward(x, weights, biases, bn_weights, bn_biases, bn_running_means, bn_running_vars, bn_eps,
+                        bn_training, dilation, product, backend)
 
 
 def _bam_forward(x, weights, biases, bn_weights, bn_biases, bn_running_means, bn_running_vars, bn_eps, bn_training,
@@ -243,6 +237,7 @@ def _bam_fake(x, weights, biases, bn_weights, bn_biases, bn_running_means, bn_ru
 
 
 @torch.library.custom_op("attnkern::bam_backward", mutates_args=())
+@without_autocast
 def bam_backward(
     grad: Tensor,
     x: Tensor,
@@ -265,9 +260,8 @@ def bam_backward(
     """Returns (dx, d weights, d biases, d bn weights, d bn biases), each parameter's gradient in
     its dtype and shape. bn_means / bn_vars are the statistics each BN normalised with: the
     batch's (biased variance) in training, the running ones in eval."""
-    with _no_autocast(x):
-        return _bam_backward(grad, x, weights, biases, bn_weights, bn_biases, bn_means, bn_vars, bn_eps, bn_training,
-                             dilation, product, avg, channel_att, spatial_att, hidden, backend)
+    return _bam_backward(grad, x, weights, biases, bn_weights, bn_biases, bn_means, bn_vars, bn_eps, bn_training,
+                         dilation, product, avg, channel_att, spatial_att, hidden, backend)
 
 
 def _bam_backward(grad, x, weights, biases, bn_weights, bn_biases, bn_means, bn_vars, bn_eps, bn_training, dilation,

@@ -19,24 +19,10 @@ from torch import Tensor
 from attnkern.backends import get_kernels
 from attnkern.backends.torch_kernels import acc_dtype
 from attnkern.ops import gate_math
-
-def dense(t):
-    """t itself when it is NCHW- or channels_last-contiguous (what the kernels read natively), else a copy."""
-    if t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last):
-        return t
-    return t.contiguous()
-
-
-def like_x(t, x):
-    """t in x's memory format, so that kernels reading both walk them the same way."""
-    return t.contiguous(memory_format=torch.channels_last if _is_channels_last(x) else torch.contiguous_format)
-
-
-def _is_channels_last(x):
-    return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-
+from attnkern.ops.common import dense, like_x, without_autocast
 
 @torch.library.custom_op("attnkern::cbam", mutates_args=())
+@without_autocast
 def cbam(
     x: Tensor,
     fc1_weight: Optional[Tensor],
@@ -101,6 +87,7 @@ def _cbam_fake(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, use_avg, use_max, 
 
 
 @torch.library.custom_op("attnkern::cbam_backward", mutates_args=())
+@without_autocast
 def cbam_backward(
     grad: Tensor,
     x: Tensor,
