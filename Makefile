@@ -10,7 +10,8 @@ BENCH_ARGS ?=
 install:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "torch==$(TORCH_VERSION)"
 	$(PYTHON) -c "import triton" 2>/dev/null || $(PYTHON) -m pip install "triton==$(TRITON_VERSION)"
-	$(PYTHON) -m pip install "setuptools>=64" wheel ninja pytest expecttest matplotlib
+	# numpy < 2.4: Triton 3.6's interpreter calls int() on 1-element arrays, which NumPy 2.4 rejects.
+	$(PYTHON) -m pip install "setuptools>=64" wheel ninja pytest expecttest matplotlib "numpy<2.4"
 	$(PYTHON) -m pip install --no-build-isolation -e .
 
 test: install

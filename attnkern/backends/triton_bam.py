@@ -21,9 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
+from attnkern.backends.torch_kernels import acc_dtype
 from attnkern.backends.triton_utils import (
     Outputs,
-    acc_dtype,
     cdiv,
     check_x,
     device_guard,

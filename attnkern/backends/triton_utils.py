@@ -43,41 +43,6 @@ def interpreted():
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def acc_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _install_interpreter_index_shim():
-    """Triton 3.6's interpreter holds scalars as 1-element 1-D NumPy arrays and converts them with
-    int(array) where a Python int is needed (loop bounds: `range(begin, end, BLOCK)` with runtime
-    values). NumPy >= 2.4 rejects int() of a non-0-D array, so every loop with runtime bounds fails
-    under the interpreter. Convert with .item() instead. Applied only under TRITON_INTERPRET=1 and
-    only where this NumPy needs it; compiled (GPU) kernels are not affected."""
-    import numpy as np
-
-    try:
-        int(np.array([1]))
-        return
-    except TypeError:
-        pass
-    from triton.runtime import interpreter
-
-    original = getattr(interpreter, "_patch_lang_tensor", None)
-    if original is None or getattr(original, "_attnkern_index_shim", False):
-        return
-
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    patched._attnkern_index_shim = True
-    interpreter._patch_lang_tensor = patched
-
-
-if interpreted():
-    _install_interpreter_index_shim()
-
-
 def cdiv(a, b):
     return -(-a // b)
 
