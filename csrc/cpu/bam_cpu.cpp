@@ -1,0 +1,469 @@
+// CPU kernels of BAM's combine step (schemas and semantics: csrc/ops.cpp; reference:
+// attnkern/backends/torch_kernels.py): y = x * (1 + M), M = sigmoid(a), a = ca[n, c] + sa[n, hw]
+// (product form: ca * sa). Layouts as in cbam_cpu.cpp: NCHW walks HW tiles through all C planes
+// (the tile's per-pixel maps stay in L1), NHWC walks rows of C.
+//
+// M needs one exp per element. In the additive form exp(-a) = exp(-ca) * exp(-sa), so when the
+// maps are moderate (|ca|, |sa| <= 40: no overflow, no NaN) the exps are taken once per map
+// entry and an element costs a multiply and a reciprocal; otherwise (and for the product form)
+// each element takes a vector exp (see attention()). The backward uses M * (1 - M) as the reference
+// does, so saturated M gives exactly 0 there too.
+#include "cpu/cpu_utils.h"
+
+ATTNKERN_VEC_BEGIN
+namespace attnkern::cpu {
+namespace {
+
+// How M is computed: kFactored: exp(-a) = ec * es from precomputed ec = exp(-ca), es = exp(-sa);
+// kSum / kProduct: exp(-a) per element. kSafe: the maps hold non-finite or huge values, so
+// a = +-inf and NaN are handled explicitly (the vector exp clamps its input).
+enum Mode { kFactored, kSum, kProduct };
+
+// 1 / d for d in [1, 2^120]. AVX2 float: the reciprocal estimate refined by one Newton step (within
+// ~2 ulp; a division would bound the factored kernels at its throughput), else a division.
+template <typename A>
+inline Vectorized<A> reciprocal_ge1(const Vectorized<A>& d) {
+  return Vectorized<A>(A(1)) / d;
+}
+#if defined(CPU_CAPABILITY_AVX2)
+template <>
+inline Vectorized<float> reciprocal_ge1(const Vectorized<float>& d) {
+  const __m256 r0 = _mm256_rcp_ps(d);
+  const __m256 err = _mm256_fnmadd_ps(d, r0, _mm256_set1_ps(1.f));  // 1 - d * r0
+  return _mm256_fmadd_ps(r0, err, r0);
+}
+#endif
+
+// M = sigmoid(a) = 1 / (1 + exp(-a)) for one vector; c and s are the channel and spatial operands
+// (ec, es for kFactored; ca, sa otherwise).
+template <int kMode, bool kSafe, typename A>
+inline Vectorized<A> attention(const Vectorized<A>& c, const Vectorized<A>& s) {
+  using V = Vectorized<A>;
+  const V one(A(1));
+  if constexpr (kMode == kFactored) {
+    return reciprocal_ge1(at::vec::fmadd(c, s, one));  // c * s = exp(-ca - sa) <= e^80
+  } else {
+    const V a = kMode == kSum ? c + s : c * s;
+    V r = one / (one + (V(A(0)) - a).exp_u20());
+    if constexpr (kSafe) {
+      const V inf(std::numeric_limits<A>::infinity());
+      r = V::blendv(r, one, a == inf);
+      r = V::blendv(r, V(A(0)), a == V(A(0)) - inf);
+      r = V::blendv(r, a, a.isnan());
+    }
+    return r;
+  }
+}
+
+// The channel / spatial operands of attention(): ec, es (kFactored) or ca, sa, all (N, C) and
+// (N, HW) acc_t.
+template <typename A>
+struct Maps {
+  const A* c;
+  const A* s;
+};
+
+// ---- bam_combine / bam_input_grad -----------------------------------------------------------
+
+// out = src * (1 + M) (+ add[n, c] + extra, for the input gradient: src = grad, add =
+// grad_avg / HW, extra = grad_x_partial).
+template <typename T, int kMode, bool kSafe>
+void combine_kernel(const at::Tensor& src, Layout layout, const Maps<acc_t<T>>& maps, const acc_t<T>* add,
+                    const T* extra, const at::Tensor& out) {
+  using A = acc_t<T>;
+  using V = Vectorized<A>;
+  const int64_t N = src.size(0), C = src.size(1), HW = src.size(2) * src.size(3);
+  const T* sp = src.const_data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  if (layout == Layout::NCHW) {
+    run_tiles(plane_tiles<T>(N, C, HW, kTile), 2, [&](const Tile& tl) {
+      const int64_t n = tl.n, h0 = tl.h0, h1 = tl.h1;
+      const A* s = maps.s + n * HW + h0;
+      for (int64_t c = tl.c0; c < tl.c1; ++c) {
+        const int64_t p = n * C + c;
+        const T* xr = sp + p * HW + h0;
+        const T* er = extra ? extra + p * HW + h0 : nullptr;
+        const V cv(maps.c[p]);
+        const V addv(add ? add[p] : A(0));
+        map_range(op + p * HW + h0, 0, h1 - h0, [&](int64_t j, int64_t cnt) {
+          const V r = attention<kMode, kSafe>(cv, load_acc_n(s + j, cnt));
+          const V x = load_n(xr + j, cnt);
+          V y = at::vec::fmadd(x, r, x);
+          if (add != nullptr) {
+            y = y + addv;
+          }
+          if (er != nullptr) {
+            y = y + load_n(er + j, cnt);
+          }
+          return y;
+        });
+      }
+    });
+    return;
+  }
+  const Tasks tk = nhwc_chunks(N, C, HW);
+  run_tasks(tk, 2 * divup(HW, tk.nch) * C, [&](int64_t, int64_t n, int64_t r0, int64_t r1) {
+    const A* cm = maps.c + n * C;
+    const A* addr = add ? add + n * C : nullptr;
+    for (int64_t row = n * HW + r0; row < n * HW + r1; ++row) {
+      const T* xr = sp + row * C;
+      const T* er = extra ? extra + row * C : nullptr;
+      const V sv(maps.s[row]);
+      map_range(op + row * C, 0, C, [&](int64_t j, int64_t cnt) {
+        const V r = attention<kMode, kSafe>(load_acc_n(cm + j, cnt), sv);
+        const V x = load_n(xr + j, cnt);
+        V y = at::vec::fmadd(x, r, x);
+        if (addr != nullptr) {
+          y = y + load_acc_n(addr + j, cnt);
+        }
+        if (er != nullptr) {
+          y = y + load_n(er + j, cnt);
+        }
+        return y;
+      });
+    }
+  });
+}
+
+// ---- bam_combine_backward -------------------------------------------------------------------
+
+// t = grad * x * M * (1 - M); grad_channel[n, c] = sum_hw t (* sa),
+// grad_spatial[n, hw] = sum_c t (* ca): both reductions in one pass.
+template <typename T, int kMode, bool kSafe>
+void combine_backward_kernel(const at::Tensor& grad, const at::Tensor& x, Layout layout, const Maps<acc_t<T>>& maps,
+                             const acc_t<T>* ca, const acc_t<T>* sa, const at::Tensor& gc, const at::Tensor& gs) {
+  using A = acc_t<T>;
+  using V = Vectorized<A>;
+  constexpr int64_t L = V::size();
+  constexpr bool kProd = kMode == kProduct;
+  const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
+  const T* xp = x.const_data_ptr<T>();
+  const T* gp = grad.const_data_ptr<T>();
+  A* gsp = gs.data_ptr<A>();
+  auto t_of = [&](const V& g, const V& xv, const V& cv, const V& sv) {
+    const V m = attention<kMode, kSafe>(cv, sv);
+    return (g * xv) * (m * (V(A(1)) - m));
+  };
+  if (layout == Layout::NCHW) {
+    const Tasks tk = nchw_tiles<T>(N, C, HW, kTile);
+    ChannelPartials<A> parts(N, C, tk.nch, gc.data_ptr<A>());
+    run_tasks(tk, 2 * divup(HW, tk.nch) * C, [&](int64_t t, int64_t n, int64_t h0, int64_t h1) {
+      A* dst = parts.row(t, n);
+      const int64_t len = h1 - h0;
+      Scratch<A, kTile> spatial;  // sum over c of t (* ca), for the tile
+      std::fill(spatial.data, spatial.data + divup(len, L) * L, A(0));
+      const A* s = maps.s + n * HW + h0;
+      const A* sar = sa + n * HW + h0;
+      for (int64_t c = 0; c < C; ++c) {
+        const int64_t p = n * C + c;
+        const T* xr = xp + p * HW + h0;
+        const T* gr = gp + p * HW + h0;
+        const V cv(maps.c[p]);
+        const V cav(ca[p]);
+        V rs0(A(0)), rs1(A(0));
+        int64_t j = 0;
+        auto step = [&](int64_t jj, int64_t cnt, V& rs) {
+          V tv = t_of(load_n(gr + jj, cnt), load_n(xr + jj, cnt), cv, load_acc_n(s + jj, cnt));
+          if (cnt < L) {  // the padding lanes may hold NaN (inf * 0) when a map is infinite
+            tv = V::set(V(A(0)), tv, cnt);
+          }
+          A* sp = spatial.data + jj;
+          if constexpr (kProd) {
+            (V::loadu(sp) + tv * cav).store(sp);
+            rs = at::vec::fmadd(tv, load_acc_n(sar + jj, cnt), rs);
+          } else {
+            (V::loadu(sp) + tv).store(sp);
+            rs = rs + tv;
+          }
+        };
+        for (; j + 2 * L <= len; j += 2 * L) {
+          step(j, L, rs0);
+          step(j + L, L, rs1);
+        }
+        for (; j < len; j += L) {
+          step(j, std::min(L, len - j), rs0);
+        }
+        dst[c] = hsum(rs0 + rs1);
+      }
+      std::copy(spatial.data, spatial.data + len, gsp + n * HW + h0);
+    });
+    parts.finish();
+    return;
+  }
+  const Tasks tk = nhwc_chunks(N, C, HW);
+  ChannelPartials<A> parts(N, C, tk.nch, gc.data_ptr<A>());
+  const int64_t padded = divup(C, L) * L;
+  run_tasks(tk, 2 * divup(HW, tk.nch) * C, [&](int64_t t, int64_t n, int64_t r0, int64_t r1) {
+    std::vector<A> chan(padded, A(0));  // sum over this chunk's rows of t (* sa)
+    const A* cm = maps.c + n * C;
+    const A* car = ca + n * C;
+    for (int64_t hw = r0; hw < r1; ++hw) {
+      const int64_t row = n * HW + hw;
+      const T* xr = xp + row * C;
+      const T* gr = gp + row * C;
+      const V sv(maps.s[row]);
+      const V sav(sa[row]);
+      V rs0(A(0)), rs1(A(0));
+      auto step = [&](int64_t j, int64_t cnt, V& rs) {
+        V tv = t_of(load_n(gr + j, cnt), load_n(xr + j, cnt), load_acc_n(cm + j, cnt), sv);
+        if (cnt < L) {  // the padding lanes may hold NaN (inf * 0) when a map is infinite
+          tv = V::set(V(A(0)), tv, cnt);
+        }
+        A* cp = chan.data() + j;
+        if constexpr (kProd) {
+          (V::loadu(cp) + tv * sav).store(cp);
+          rs = at::vec::fmadd(tv, load_acc_n(car + j, cnt), rs);
+        } else {
+          (V::loadu(cp) + tv).store(cp);
+          rs = rs + tv;
+        }
+      };
+      int64_t j = 0;
+      for (; j + 2 * L <= C; j += 2 * L) {
+        step(j, L, rs0);
+        step(j + L, L, rs1);
+      }
+      for (; j < C; j += L) {
+        step(j, std::min(L, C - j), rs0);
+      }
+      gsp[row] = hsum(rs0 + rs1);
+    }
+    std::copy(chan.data(), chan.data() + C, parts.row(t, n));
+  });
+  parts.finish();
+}
+
+// ---- map preparation ------------------------------------------------------------------------
+
+// Whether |p[i]| <= bound for all i (false on NaN).
+template <typename A>
+bool all_within(const A* p, int64_t n, A bound) {
+  using V = Vectorized<A>;
+  constexpr int64_t L = V::size();
+  const V b(bound);
+  int64_t i = 0;
+  for (; i + L <= n; i += L) {
+    // lanes where NOT(|p| <= bound): NaN compares false, so it is caught too
+    if (lanes_set(V::loadu(p + i).abs() <= b) != (1 << L) - 1) {
+      return false;
+    }
+  }
+  for (; i < n; ++i) {
+    if (!(std::abs(p[i]) <= bound)) {
+      return false;
+    }
+  }
+  return true;
+}
+
+// dst[i] = exp(-src[i]) (at::vec's accurate exp).
+template <typename A>
+void exp_neg(const A* src, A* dst, int64_t n) {
+  using V = Vectorized<A>;
+  constexpr int64_t L = V::size();
+  int64_t i = 0;
+  for (; i + L <= n; i += L) {
+    (V(A(0)) - V::loadu(src + i)).exp().store(dst + i);
+  }
+  for (; i < n; ++i) {
+    dst[i] = std::exp(-src[i]);
+  }
+}
+
+}  // namespace
+}  // namespace attnkern::cpu
+ATTNKERN_VEC_END
+
+// -----------------------------------------------------------------------------------------------
+// The ops: checks, then the kernels above (or, on a CPU without AVX2/FMA, a composite of ATen ops
+// that mirrors attnkern/backends/torch_kernels.py).
+namespace attnkern::cpu {
+namespace {
+
+using at::Tensor;
+using std::optional;
+
+Tensor acc(const Tensor& t) {
+  return t.to(acc_type_of(t.scalar_type()));
+}
+
+Tensor attention_ref(const Tensor& ca, const Tensor& sa, bool product) {
+  auto c = ca.unsqueeze(-1).unsqueeze(-1), s = sa.unsqueeze(1);
+  return at::sigmoid(product ? c * s : c + s);
+}
+
+struct Args {
+  Tensor x;  // in `layout`
+  Layout layout;
+  at::ScalarType acc;
+  Tensor ca, sa;  // (N, C), (N, H, W), contiguous, acc
+};
+
+Args prepare(const char* op, const Tensor& x, const Tensor& ca, const Tensor& sa) {
+  check_full(op, "x", x);
+  const Layout layout = layout_of(x);
+  const auto acc_type = acc_type_of(x.scalar_type());
+  Tensor c = check_small(op, "channel_att", ca, acc_type, {x.size(0), x.size(1)}, x);
+  Tensor s = check_spatial_map(op, "spatial_att", sa, acc_type, x);
+  return {in_layout(x, layout), layout, acc_type, c, s};
+}
+
+// The maps' operands for the kernels (ec = exp(-ca), es = exp(-sa) in the factored mode), the
+// mode and whether it needs the non-finite handling; `store` keeps the factored maps alive.
+template <typename A>
+struct MapsPlan {
+  Maps<A> maps;
+  int mode;
+  bool safe;
+};
+
+template <typename A>
+MapsPlan<A> maps_for(const Args& a, bool product, std::vector<A>& store) {
+  const A* ca = a.ca.const_data_ptr<A>();
+  const A* sa = a.sa.const_data_ptr<A>();
+  const int64_t nc = a.ca.numel(), ns = a.sa.numel();
+  if (!product && all_within(ca, nc, A(40)) && all_within(sa, ns, A(40))) {
+    store.resize(nc + ns);
+    exp_neg(ca, store.data(), nc);
+    exp_neg(sa, store.data() + nc, ns);
+    return {Maps<A>{store.data(), store.data() + nc}, kFactored, false};
+  }
+  // |ca|, |sa| <= 1e18: a = ca * sa (or ca + sa) is finite, no special values to handle.
+  const bool safe = !(product && all_within(ca, nc, A(1e18)) && all_within(sa, ns, A(1e18)));
+  return {Maps<A>{ca, sa}, product ? kProduct : kSum, safe};
+}
+
+// Calls f(mode, safe) with both as compile-time constants.
+template <typename F>
+void with_mode(int mode, bool safe, const F& f) {
+  using std::integral_constant;
+  if (mode == kFactored) {
+    f(integral_constant<int, kFactored>(), integral_constant<bool, false>());
+  } else if (mode == kSum) {
+    f(integral_constant<int, kSum>(), integral_constant<bool, true>());
+  } else if (safe) {
+    f(integral_constant<int, kProduct>(), integral_constant<bool, true>());
+  } else {
+    f(integral_constant<int, kProduct>(), integral_constant<bool, false>());
+  }
+}
+
+Tensor bam_combine_cpu(const Tensor& x_in, const Tensor& ca_in, const Tensor& sa_in, bool product) {
+  constexpr const char* op = "attnkern::bam_combine";
+  const Args a = prepare(op, x_in, ca_in, sa_in);
+  if (!use_vec_kernels()) {
+    return at::empty_like(x_in).copy_(acc(x_in) * (1 + attention_ref(a.ca, a.sa, product)));
+  }
+  Tensor y = at::empty_like(a.x);
+  if (y.numel() == 0) {
+    return y;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.x.scalar_type(), "attnkern_bam_combine_cpu", [&] {
+    using A = acc_t<scalar_t>;
+    std::vector<A> store;
+    const MapsPlan<A> plan = maps_for<A>(a, product, store);
+    with_mode(plan.mode, plan.safe, [&](auto kmode, auto ksafe) {
+      combine_kernel<scalar_t, decltype(kmode)::value, decltype(ksafe)::value>(a.x, a.layout, plan.maps, nullptr,
+                                                                               nullptr, y);
+    });
+  });
+  return y;
+}
+
+Tensor bam_input_grad_cpu(const Tensor& grad_in, const Tensor& x_in, const Tensor& ca_in, const Tensor& sa_in,
+                          bool product, const optional<Tensor>& ga_in, const optional<Tensor>& partial_in) {
+  constexpr const char* op = "attnkern::bam_input_grad";
+  const Args a = prepare(op, x_in, ca_in, sa_in);
+  check_like_x(op, "grad", grad_in, x_in);
+  optional<Tensor> ga, partial;
+  if (ga_in.has_value()) {
+    ga = check_small(op, "grad_avg", *ga_in, a.acc, {x_in.size(0), x_in.size(1)}, x_in);
+  }
+  if (partial_in.has_value()) {
+    check_like_x(op, "grad_x_partial", *partial_in, x_in);
+  }
+  if (!use_vec_kernels()) {
+    auto dx = acc(grad_in) * (1 + attention_ref(a.ca, a.sa, product));
+    if (ga.has_value()) {
+      dx = dx + ga->unsqueeze(-1).unsqueeze(-1) / (x_in.size(2) * x_in.size(3));
+    }
+    if (partial_in.has_value()) {
+      dx = dx + *partial_in;
+    }
+    return at::empty_like(x_in).copy_(dx);
+  }
+  Tensor grad = in_layout(grad_in, a.layout);
+  if (partial_in.has_value()) {
+    partial = in_layout(*partial_in, a.layout);
+  }
+  Tensor dx = at::empty_like(a.x);
+  if (dx.numel() == 0) {
+    return dx;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.x.scalar_type(), "attnkern_bam_input_grad_cpu", [&] {
+    using A = acc_t<scalar_t>;
+    std::vector<A> store;
+    const MapsPlan<A> plan = maps_for<A>(a, product, store);
+    std::vector<A> ga_hw;  // grad_avg / HW
+    if (ga.has_value()) {
+      const A* g = ga->const_data_ptr<A>();
+      const A hw = A(x_in.size(2) * x_in.size(3));
+      ga_hw.resize(ga->numel());
+      for (size_t i = 0; i < ga_hw.size(); ++i) {
+        ga_hw[i] = g[i] / hw;
+      }
+    }
+    const A* gap = ga.has_value() ? ga_hw.data() : nullptr;
+    const scalar_t* pp = partial.has_value() ? partial->const_data_ptr<scalar_t>() : nullptr;
+    with_mode(plan.mode, plan.safe, [&](auto kmode, auto ksafe) {
+      combine_kernel<scalar_t, decltype(kmode)::value, decltype(ksafe)::value>(grad, a.layout, plan.maps, gap, pp, dx);
+    });
+  });
+  return dx;
+}
+
+std::tuple<Tensor, Tensor> bam_combine_backward_cpu(const Tensor& grad_in, const Tensor& x_in, const Tensor& ca_in,
+                                                    const Tensor& sa_in, bool product) {
+  constexpr const char* op = "attnkern::bam_combine_backward";
+  const Args a = prepare(op, x_in, ca_in, sa_in);
+  check_like_x(op, "grad", grad_in, x_in);
+  const int64_t N = x_in.size(0), C = x_in.size(1), H = x_in.size(2), W = x_in.size(3);
+  if (!use_vec_kernels()) {
+    auto m = attention_ref(a.ca, a.sa, product);
+    auto t = acc(grad_in) * acc(x_in) * m * (1 - m);
+    auto gc = (product ? t * a.sa.unsqueeze(1) : t).sum({2, 3});
+    auto gs = (product ? t * a.ca.unsqueeze(-1).unsqueeze(-1) : t).sum(1);
+    return {gc, gs};
+  }
+  Tensor grad = in_layout(grad_in, a.layout);
+  auto opts = x_in.options().dtype(a.acc);
+  Tensor gc = at::empty({N, C}, opts);
+  Tensor gs = at::empty({N, H, W}, opts);
+  if (N * C * H * W == 0) {  // empty sums are zero
+    gc.zero_();
+    gs.zero_();
+    return {gc, gs};
+  }
+  const auto dtype = a.x.scalar_type();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "attnkern_bam_combine_backward_cpu", [&] {
+    using A = acc_t<scalar_t>;
+    std::vector<A> store;
+    const MapsPlan<A> plan = maps_for<A>(a, product, store);
+    const A* ca = a.ca.const_data_ptr<A>();
+    const A* sa = a.sa.const_data_ptr<A>();
+    with_mode(plan.mode, plan.safe, [&](auto kmode, auto ksafe) {
+      combine_backward_kernel<scalar_t, decltype(kmode)::value, decltype(ksafe)::value>(grad, a.x, a.layout, plan.maps,
+                                                                                        ca, sa, gc, gs);
+    });
+  });
+  return {gc, gs};
+}
+
+}  // namespace
+}  // namespace attnkern::cpu
+
+TORCH_LIBRARY_IMPL(attnkern, CPU, m) {
+  m.impl("bam_combine", &attnkern::cpu::bam_combine_cpu);
+  m.impl("bam_combine_backward", &attnkern::cpu::bam_combine_backward_cpu);
+  m.impl("bam_input_grad", &attnkern::cpu::bam_input_grad_cpu);
+}

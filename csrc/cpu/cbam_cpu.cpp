@@ -1,0 +1,824 @@
+// CPU kernels of the CBAM ops (schemas and semantics: csrc/ops.cpp; reference:
+// attnkern/backends/torch_kernels.py). NCHW (contiguous) and NHWC (channels_last) are handled
+// natively; other strides are copied to contiguous first. Vector ISA, dispatch, work splitting
+// and the shared loops: cpu_utils.h. HW = H * W below.
+//
+// Loop orders:
+//   over HW (channel_pool, channel_gate_grad):
+//     NCHW: one contiguous plane per (n, c) (channel_gate_grad with spatial terms: HW tiles,
+//           all C planes each, so the tile's per-pixel maps stay in L1);
+//     NHWC: C is innermost, so lanes run across C and the rows (pixels) of a chunk are
+//           accumulated into column buffers, four rows per buffer load/store; chunk results are
+//           merged in order.
+//   over C (spatial_pool, spatial_gate_grad):
+//     NCHW: a task owns an HW tile of a sample and walks its C planes four at a time into
+//           tile-length buffers, vectorised over HW;
+//     NHWC: one contiguous row of C per pixel.
+//   elementwise (apply_gates, cbam_input_grad): NCHW HW tiles through the C planes (channel
+//     ranges too when the batch is small), NHWC row chunks.
+// Max / argmax (first maximal element; NaN is maximal): row_stats and col_stats in cpu_utils.h.
+// The argmax terms of the backward kernels touch one element per pixel (spatial argmax) or per
+// channel (channel argmax); they are applied per tile or row right after its dense part, while
+// it is in cache, instead of comparing indices at every element.
+#include "cpu/cpu_utils.h"
+
+ATTNKERN_VEC_BEGIN
+namespace attnkern::cpu {
+namespace {
+
+// ---- channel_pool ---------------------------------------------------------------------------
+
+template <typename T>
+void channel_pool_kernel(const at::Tensor& x, Layout layout, const at::Tensor& avg, const at::Tensor& mx,
+                         const at::Tensor& arg) {
+  using A = acc_t<T>;
+  constexpr int64_t L = Vectorized<A>::size();
+  const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
+  const T* xp = x.const_data_ptr<T>();
+  A* avgp = avg.data_ptr<A>();
+  A* mxp = mx.data_ptr<A>();
+  int64_t* argp = arg.data_ptr<int64_t>();
+  if (layout == Layout::NCHW) {
+    at::parallel_for(0, N * C, task_grain(HW), [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) {
+        const auto r = row_stats<T, false>(xp + p * HW, nullptr, HW);
+        avgp[p] = r.sum / A(HW);
+        mxp[p] = r.max;
+        argp[p] = r.arg;
+      }
+    });
+    return;
+  }
+  // NHWC: per sample an (HW rows, C columns) matrix reduced over its rows, cut into row chunks
+  // only to give every thread work (long chunks: the argmax bookkeeping fades as a column's
+  // running max settles); chunk results are merged in order (first maximum wins across chunks).
+  const Tasks tk{N, HW, chunks_per_sample(N, HW, int64_t(1) << 30, std::max<int64_t>(4, 4096 / C), HW * C), 1};
+  const int64_t nch = tk.nch;
+  std::vector<A> psum, pmax;
+  std::vector<int64_t> parg;
+  if (nch > 1) {
+    psum.resize(N * nch * C);
+    pmax.assign(N * nch * C, -std::numeric_limits<A>::infinity());
+    parg.assign(N * nch * C, 0);
+  }
+  run_tasks(tk, divup(HW, nch) * C, [&](int64_t t, int64_t n, int64_t r0, int64_t r1) {
+    Scratch<A, kCols> sum, best, idx;
+    for (int64_t c0 = 0; c0 < C; c0 += kCols) {
+      const int64_t cols = std::min(kCols, C - c0);
+      const int64_t padded = divup(cols, L) * L;
+      std::fill(sum.data, sum.data + padded, A(0));
+      std::fill(best.data, best.data + padded, -std::numeric_limits<A>::infinity());
+      std::fill(idx.data, idx.data + padded, c10::bit_cast<A>(bits_t<A>(0)));
+      const T* base = xp + (n * HW + r0) * C + c0;
+      col_stats<T, false>(base, C, r1 - r0, cols, nullptr, sum.data, best.data, idx.data);
+      for (int64_t j = 0; j < cols; ++j) {
+        const auto r = col_stats_result<T, false>(base, C, r1 - r0, nullptr, sum.data, best.data, idx.data, j);
+        if (nch == 1) {
+          avgp[n * C + c0 + j] = r.sum / A(HW);
+          mxp[n * C + c0 + j] = r.max;
+          argp[n * C + c0 + j] = r.arg;
+        } else {
+          psum[t * C + c0 + j] = r.sum;
+          pmax[t * C + c0 + j] = r.max;
+          parg[t * C + c0 + j] = r.arg + r0;
+        }
+      }
+    }
+  });
+  if (nch > 1) {
+    at::parallel_for(0, N * C, task_grain(nch), [&](int64_t begin, int64_t end) {
+      for (int64_t q = begin; q < end; ++q) {
+        const int64_t n = q / C, c = q % C;
+        A s = 0, m = pmax[n * nch * C + c];
+        int64_t a = parg[n * nch * C + c];
+        for (int64_t ch = 0; ch < nch; ++ch) {
+          const int64_t i = (n * nch + ch) * C + c;
+          s += psum[i];
+          if (ch > 0) {
+            merge_max(m, a, pmax[i], parg[i]);
+          }
+        }
+        avgp[q] = s / A(HW);
+        mxp[q] = m;
+        argp[q] = a;
+      }
+    });
+  }
+}
+
+// ---- spatial_pool ---------------------------------------------------------------------------
+
+template <typename T>
+void spatial_pool_kernel(const at::Tensor& x, Layout layout, const at::Tensor& gate, const at::Tensor& pooled,
+                         const at::Tensor& arg) {
+  using A = acc_t<T>;
+  constexpr int64_t L = Vectorized<A>::size();
+  const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
+  const T* xp = x.const_data_ptr<T>();
+  const A* gp = gate.const_data_ptr<A>();
+  A* pp = pooled.data_ptr<A>();
+  int64_t* argp = arg.data_ptr<int64_t>();
+  if (layout == Layout::NHWC) {
+    at::parallel_for(0, N * HW, task_grain(C), [&](int64_t begin, int64_t end) {
+      int64_t n = begin / HW, hw = begin % HW;
+      for (int64_t r = begin; r < end; ++r) {
+        const auto st = row_stats<T, true>(xp + r * C, gp + n * C, C);
+        pp[n * 2 * HW + hw] = st.sum / A(C);
+        pp[(n * 2 + 1) * HW + hw] = st.max;
+        argp[r] = st.arg;
+        if (++hw == HW) {
+          hw = 0;
+          ++n;
+        }
+      }
+    });
+    return;
+  }
+  // NCHW: a task owns an HW tile of one sample and walks the C planes.
+  const Tasks tk = nchw_tiles<T>(N, C, HW, kSeg);
+  run_tasks(tk, divup(HW, tk.nch) * C, [&](int64_t, int64_t n, int64_t h0, int64_t h1) {
+    Scratch<A, kSeg> sum, best, idx;
+    const int64_t cols = h1 - h0, padded = divup(cols, L) * L;
+    std::fill(sum.data, sum.data + padded, A(0));
+    std::fill(best.data, best.data + padded, -std::numeric_limits<A>::infinity());
+    std::fill(idx.data, idx.data + padded, c10::bit_cast<A>(bits_t<A>(0)));
+    const T* base = xp + n * C * HW + h0;
+    col_stats<T, true>(base, HW, C, cols, gp + n * C, sum.data, best.data, idx.data);
+    for (int64_t j = 0; j < cols; ++j) {
+      const auto r = col_stats_result<T, true>(base, HW, C, gp + n * C, sum.data, best.data, idx.data, j);
+      pp[n * 2 * HW + h0 + j] = r.sum / A(C);
+      pp[(n * 2 + 1) * HW + h0 + j] = r.max;
+      argp[n * HW + h0 + j] = r.arg;
+    }
+  });
+}
+
+// ---- apply_gates ----------------------------------------------------------------------------
+
+template <typename T>
+void apply_gates_kernel(const at::Tensor& x, Layout layout, const at::Tensor& cgate, const at::Tensor* sgate,
+                        const at::Tensor& y) {
+  using A = acc_t<T>;
+  using V = Vectorized<A>;
+  const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
+  const T* xp = x.const_data_ptr<T>();
+  T* yp = y.data_ptr<T>();
+  const A* cg = cgate.const_data_ptr<A>();
+  const A* sg = sgate ? sgate->const_data_ptr<A>() : nullptr;
+  if (layout == Layout::NCHW) {
+    if (sg == nullptr) {
+      parallel_rows(N * C, HW, [&](int64_t p, int64_t j0, int64_t j1) {
+        const T* xr = xp + p * HW;
+        const V g(cg[p]);
+        map_range(yp + p * HW, j0, j1, [&](int64_t j, int64_t cnt) { return load_n(xr + j, cnt) * g; });
+      });
+      return;
+    }
+    run_tiles(plane_tiles<T>(N, C, HW, kTile), 2, [&](const Tile& tl) {
+      const int64_t n = tl.n, h0 = tl.h0, h1 = tl.h1;
+      const A* s = sg + n * HW;
+      for (int64_t c = tl.c0; c < tl.c1; ++c) {
+        const int64_t p = n * C + c;
+        const T* xr = xp + p * HW;
+        const V g(cg[p]);
+        map_range(yp + p * HW, h0, h1,
+                  [&](int64_t j, int64_t cnt) { return load_n(xr + j, cnt) * (g * load_acc_n(s + j, cnt)); });
+      }
+    });
+  } else {
+    const Tasks tk = nhwc_chunks(N, C, HW);
+    run_tasks(tk, 2 * divup(HW, tk.nch) * C, [&](int64_t, int64_t n, int64_t r0, int64_t r1) {
+      const A* g = cg + n * C;
+      for (int64_t r = n * HW + r0; r < n * HW + r1; ++r) {
+        const T* xr = xp + r * C;
+        if (sg != nullptr) {
+          const V s(sg[r]);
+          map_range(yp + r * C, 0, C,
+                    [&](int64_t j, int64_t cnt) { return load_n(xr + j, cnt) * (load_acc_n(g + j, cnt) * s); });
+        } else {
+          map_range(yp + r * C, 0, C,
+                    [&](int64_t j, int64_t cnt) { return load_n(xr + j, cnt) * load_acc_n(g + j, cnt); });
+        }
+      }
+    });
+  }
+}
+
+// ---- spatial_gate_grad ----------------------------------------------------------------------
+
+template <typename T>
+void spatial_gate_grad_kernel(const at::Tensor& grad, const at::Tensor& x, Layout layout, const at::Tensor& cgate,
+                              const at::Tensor& out) {
+  using A = acc_t<T>;
+  using V = Vectorized<A>;
+  constexpr int64_t L = V::size();
+  const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
+  const T* xp = x.const_data_ptr<T>();
+  const T* gp = grad.const_data_ptr<T>();
+  const A* cg = cgate.const_data_ptr<A>();
+  A* op = out.data_ptr<A>();
+  if (layout == Layout::NHWC) {
+    at::parallel_for(0, N * HW, task_grain(2 * C), [&](int64_t begin, int64_t end) {
+      int64_t n = begin / HW, hw = begin % HW;
+      for (int64_t r = begin; r < end; ++r) {
+        const T* xr = xp + r * C;
+        const T* gr = gp + r * C;
+        const A* g = cg + n * C;
+        op[r] = row_sum<A>(C, [&](int64_t j, int64_t cnt) {
+          return load_n(gr + j, cnt) * load_n(xr + j, cnt) * load_acc_n(g + j, cnt);
+        });
+        if (++hw == HW) {
+          hw = 0;
+          ++n;
+        }
+      }
+    });
+    return;
+  }
+  const Tasks tk = nchw_tiles<T>(N, C, HW, kSeg);
+  run_tasks(tk, 2 * divup(HW, tk.nch) * C, [&](int64_t, int64_t n, int64_t h0, int64_t h1) {
+    Scratch<A, kSeg> sum;
+    std::fill(sum.data, sum.data + divup(h1 - h0, L) * L, A(0));
+    const T* xb = xp + n * C * HW + h0;
+    const T* gb = gp + n * C * HW + h0;
+    const A* g = cg + n * C;
+    col_sum<A>(
+        C, h1 - h0, sum.data, [&](int64_t k) { return RowArgs<T>{gb + k * HW, xb + k * HW, V(g[k]), V(A(0))}; },
+        [&](const RowArgs<T>& q, int64_t j, int64_t cnt) { return load_n(q.a + j, cnt) * load_n(q.b + j, cnt) * q.s; },
+        [](int64_t, int64_t) {});
+    std::copy(sum.data, sum.data + (h1 - h0), op + n * HW + h0);
+  });
+}
+
+// ---- channel_gate_grad ----------------------------------------------------------------------
+
+// The spatial terms of g1 (csrc/ops.cpp) as raw pointers: sg = spatial_gate (N, HW),
+// gp = grad_pooled (N, 2, HW), sarg = spatial_argmax (N, HW); gp and sarg null without
+// grad_pooled.
+template <typename A>
+struct SpatialTerms {
+  const A* sg = nullptr;
+  const A* gp = nullptr;
+  const int64_t* sarg = nullptr;
+};
+
+// The pixels [0, len) of a tile grouped by the channel their spatial argmax points at (a
+// counting sort), so that a kernel walking the tile's C planes applies the one-hot term of
+// plane c while that plane's tile is in L1: pixels of c are pix[start[c] .. start[c + 1]).
+struct TileBuckets {
+  std::vector<int32_t> start, cursor, pix;
+  void build(const int64_t* target, int64_t len, int64_t C) {
+    start.assign(C + 1, 0);
+    pix.resize(len);
+    for (int64_t i = 0; i < len; ++i) {
+      if (target[i] >= 0 && target[i] < C) {
+        ++start[target[i] + 1];
+      }
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      start[c + 1] += start[c];
+    }
+    cursor.assign(start.begin(), start.end() - 1);
+    for (int64_t i = 0; i < len; ++i) {
+      if (target[i] >= 0 && target[i] < C) {
+        pix[cursor[target[i]]++] = static_cast<int32_t>(i);
+      }
+    }
+  }
+};
+
+template <typename T, bool kSpatial>
+void channel_gate_grad_kernel(const at::Tensor& grad, const at::Tensor& x, Layout layout,
+                              const SpatialTerms<acc_t<T>>& st, const at::Tensor& out) {
+  using A = acc_t<T>;
+  using V = Vectorized<A>;
+  constexpr int64_t L = V::size();
+  const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
+  const T* xp = x.const_data_ptr<T>();
+  const T* gp = grad.const_data_ptr<T>();
+  const bool sparse = kSpatial && st.sarg != nullptr;
+  if (layout == Layout::NCHW) {
+    if constexpr (!kSpatial) {
+      A* op = out.data_ptr<A>();
+      at::parallel_for(0, N * C, task_grain(2 * HW), [&](int64_t begin, int64_t end) {
+        for (int64_t p = begin; p < end; ++p) {
+          const T* xr = xp + p * HW;
+          const T* gr = gp + p * HW;
+          op[p] = row_sum<A>(HW, [&](int64_t j, int64_t cnt) { return load_n(gr + j, cnt) * load_n(xr + j, cnt); });
+        }
+      });
+      return;
+    }
+    // HW tiles, all C planes each, so that the tile's per-pixel maps stay in L1.
+    const PlaneTiles pt = plane_tiles<T>(N, C, HW, kTile);
+    ChannelPartials<A> parts(N, C, pt.nch, out.data_ptr<A>());
+    run_tiles(pt, 2, [&](const Tile& tl) {
+      const int64_t n = tl.n, h0 = tl.h0, h1 = tl.h1;
+      A* dst = parts.row(tl.chunk, n);
+      const int64_t len = h1 - h0;
+      const A* s = st.sg + n * HW + h0;
+      Scratch<A, kTile> gp0s;  // grad_pooled[:, 0] / C
+      TileBuckets buckets;
+      const A* g1 = nullptr;
+      if (sparse) {
+        divide_into(gp0s.data, st.gp + n * 2 * HW + h0, len, A(C));
+        buckets.build(st.sarg + n * HW + h0, len, C);
+        g1 = st.gp + n * 2 * HW + HW + h0;
+      }
+      for (int64_t c = tl.c0; c < tl.c1; ++c) {
+        const T* xr = xp + (n * C + c) * HW + h0;
+        const T* gr = gp + (n * C + c) * HW + h0;
+        if (sparse) {
+          A v = row_sum<A>(len, [&](int64_t j, int64_t cnt) {
+            return at::vec::fmadd(load_n(gr + j, cnt), load_acc_n(s + j, cnt), load_acc_n(gp0s.data + j, cnt)) *
+                   load_n(xr + j, cnt);
+          });
+          for (int32_t i = buckets.start[c]; i < buckets.start[c + 1]; ++i) {
+            const int32_t j = buckets.pix[i];
+            v += g1[j] * static_cast<A>(xr[j]);
+          }
+          dst[c] = v;
+        } else {
+          dst[c] = row_sum<A>(len, [&](int64_t j, int64_t cnt) {
+            return load_n(gr + j, cnt) * load_acc_n(s + j, cnt) * load_n(xr + j, cnt);
+          });
+        }
+      }
+    });
+    parts.finish();
+    return;
+  }
+  // NHWC: per sample an (HW rows, C columns) block summed over its rows, in row chunks; the
+  // one-hot term (one element per row) is added after each block of rows, still in L1.
+  const Tasks tk = nhwc_chunks(N, C, HW);
+  ChannelPartials<A> parts(N, C, tk.nch, out.data_ptr<A>());
+  run_tasks(tk, 2 * divup(HW, tk.nch) * C, [&](int64_t t, int64_t n, int64_t r0, int64_t r1) {
+    A* dst = parts.row(t, n);
+    Scratch<A, kCols> sum;
+    for (int64_t c0 = 0; c0 < C; c0 += kCols) {
+      const int64_t cols = std::min(kCols, C - c0);
+      std::fill(sum.data, sum.data + divup(cols, L) * L, A(0));
+      const T* xb = xp + (n * HW + r0) * C + c0;
+      const T* gb = gp + (n * HW + r0) * C + c0;
+      if constexpr (kSpatial) {
+        const A* s = st.sg + n * HW + r0;
+        const A* gp0 = sparse ? st.gp + n * 2 * HW + r0 : nullptr;
+        const A* g1 = sparse ? st.gp + n * 2 * HW + HW + r0 : nullptr;
+        const int64_t* sarg = sparse ? st.sarg + n * HW + r0 : nullptr;
+        col_sum<A>(
+            r1 - r0, cols, sum.data,
+            [&](int64_t k) { return RowArgs<T>{gb + k * C, xb + k * C, V(s[k]), V(gp0 ? gp0[k] / A(C) : A(0))}; },
+            [&](const RowArgs<T>& q, int64_t j, int64_t cnt) {
+              return at::vec::fmadd(load_n(q.a + j, cnt), q.s, q.t) * load_n(q.b + j, cnt);
+            },
+            [&](int64_t k0, int64_t k1) {
+              if (!sparse) {
+                return;
+              }
+              for (int64_t k = k0; k < k1; ++k) {
+                const int64_t c = sarg[k] - c0;
+                if (c >= 0 && c < cols) {
+                  sum.data[c] += g1[k] * static_cast<A>(xb[k * C + c]);
+                }
+              }
+            });
+      } else {
+        col_sum<A>(
+            r1 - r0, cols, sum.data, [&](int64_t k) { return RowArgs<T>{gb + k * C, xb + k * C, V(A(1)), V(A(0))}; },
+            [&](const RowArgs<T>& q, int64_t j, int64_t cnt) { return load_n(q.a + j, cnt) * load_n(q.b + j, cnt); },
+            [](int64_t, int64_t) {});
+      }
+      std::copy(sum.data, sum.data + cols, dst + c0);
+    }
+  });
+  parts.finish();
+}
+
+// ---- cbam_input_grad ------------------------------------------------------------------------
+
+// ga = grad_avg (N, C) or null; gm = grad_max (N, C), carg = channel_argmax (N, C) or null.
+template <typename A>
+struct ChannelTerms {
+  const A* ga = nullptr;
+  const A* gm = nullptr;
+  const int64_t* carg = nullptr;
+};
+
+template <typename T, bool kSpatial>
+void cbam_input_grad_kernel(const at::Tensor& grad, Layout layout, const at::Tensor& cgate,
+                            const SpatialTerms<acc_t<T>>& st, const ChannelTerms<acc_t<T>>& ct, const at::Tensor& dx) {
+  using A = acc_t<T>;
+  using V = Vectorized<A>;
+  const int64_t N = grad.size(0), C = grad.size(1), HW = grad.size(2) * grad.size(3);
+  const T* gp = grad.const_data_ptr<T>();
+  T* dp = dx.data_ptr<T>();
+  const A* cg = cgate.const_data_ptr<A>();
+  const bool with_gp = kSpatial && st.gp != nullptr;
+  // Dense part, dx = (grad * sg + gp0 / C) * cg + ga / HW (the terms given); then the one-hot
+  // terms, each right after its element was written: (c = spatial_argmax[n, hw], hw) gets
+  // grad_pooled[:, 1] * cg, (c, hw = channel_argmax[n, c]) gets grad_max. For float / double
+  // the stored dense value is exact in acc_t, so a term is added to it (each exactly once);
+  // reduced dtypes recompute the whole element (idempotent) so that it is rounded once.
+  auto full = [&](int64_t n, int64_t c, int64_t hw) {
+    const int64_t off = offset_of(layout, C, HW, n, c, hw);
+    A g1 = static_cast<A>(gp[off]);
+    if constexpr (kSpatial) {
+      g1 = g1 * st.sg[n * HW + hw];
+      if (with_gp) {
+        g1 = g1 + st.gp[n * 2 * HW + hw] / A(C);
+        if (st.sarg[n * HW + hw] == c) {
+          g1 = g1 + st.gp[n * 2 * HW + HW + hw];
+        }
+      }
+    }
+    A v = g1 * cg[n * C + c];
+    if (ct.ga != nullptr) {
+      v = v + ct.ga[n * C + c] / A(HW);
+    }
+    if (ct.carg != nullptr && ct.carg[n * C + c] == hw) {
+      v = v + ct.gm[n * C + c];
+    }
+    dp[off] = static_cast<T>(v);
+  };
+  constexpr bool kAddInPlace = std::is_same_v<T, A>;
+  auto fix_spatial = [&](int64_t n, int64_t c, int64_t hw) {
+    if constexpr (kAddInPlace) {
+      T& d = dp[offset_of(layout, C, HW, n, c, hw)];
+      d = d + st.gp[n * 2 * HW + HW + hw] * cg[n * C + c];
+    } else {
+      full(n, c, hw);
+    }
+  };
+  auto fix_channel = [&](int64_t n, int64_t c, int64_t hw) {
+    if constexpr (kAddInPlace) {
+      T& d = dp[offset_of(layout, C, HW, n, c, hw)];
+      d = d + ct.gm[n * C + c];
+    } else {
+      full(n, c, hw);
+    }
+  };
+  if (layout == Layout::NCHW) {
+    run_tiles(plane_tiles<T>(N, C, HW, kTile), 2, [&](const Tile& tl) {
+      const int64_t n = tl.n, h0 = tl.h0, h1 = tl.h1;
+      const int64_t len = h1 - h0;
+      Scratch<A, kTile> gp0s;  // grad_pooled[:, 0] / C
+      TileBuckets buckets;
+      if (with_gp) {
+        divide_into(gp0s.data, st.gp + n * 2 * HW + h0, len, A(C));
+        buckets.build(st.sarg + n * HW + h0, len, C);
+      }
+      for (int64_t c = tl.c0; c < tl.c1; ++c) {
+        const int64_t p = n * C + c;
+        const T* gr = gp + p * HW + h0;
+        T* dr = dp + p * HW + h0;
+        const V m(cg[p]);
+        const V add(ct.ga ? ct.ga[p] / A(HW) : A(0));
+        if constexpr (kSpatial) {
+          const A* s = st.sg + n * HW + h0;
+          if (with_gp) {
+            map_range(dr, 0, len, [&](int64_t j, int64_t cnt) {
+              return at::vec::fmadd(
+                  at::vec::fmadd(load_n(gr + j, cnt), load_acc_n(s + j, cnt), load_acc_n(gp0s.data + j, cnt)), m, add);
+            });
+            for (int32_t i = buckets.start[c]; i < buckets.start[c + 1]; ++i) {
+              fix_spatial(n, c, h0 + buckets.pix[i]);
+            }
+          } else {
+            map_range(dr, 0, len, [&](int64_t j, int64_t cnt) {
+              return at::vec::fmadd(load_n(gr + j, cnt) * load_acc_n(s + j, cnt), m, add);
+            });
+          }
+        } else {
+          map_range(dr, 0, len, [&](int64_t j, int64_t cnt) { return at::vec::fmadd(load_n(gr + j, cnt), m, add); });
+        }
+        if (ct.carg != nullptr) {
+          const int64_t hw = ct.carg[p];
+          if (hw >= h0 && hw < h1) {
+            fix_channel(n, c, hw);
+          }
+        }
+      }
+    });
+  } else {
+    const Tasks tk = nhwc_chunks(N, C, HW);
+    run_tasks(tk, 2 * divup(HW, tk.nch) * C, [&](int64_t, int64_t n, int64_t r0, int64_t r1) {
+      const A* m = cg + n * C;
+      std::vector<A> add;  // grad_avg / HW
+      if (ct.ga != nullptr) {
+        add.resize(C);
+        divide_into(add.data(), ct.ga + n * C, C, A(HW));
+      }
+      for (int64_t hw = r0; hw < r1; ++hw) {
+        const int64_t r = n * HW + hw;
+        const T* gr = gp + r * C;
+        T* dr = dp + r * C;
+        V s(A(1)), b(A(0));
+        if constexpr (kSpatial) {
+          s = V(st.sg[r]);
+          if (with_gp) {
+            b = V(st.gp[n * 2 * HW + hw] / A(C));
+          }
+        }
+        if (!add.empty()) {
+          map_range(dr, 0, C, [&](int64_t j, int64_t cnt) {
+            return at::vec::fmadd(at::vec::fmadd(load_n(gr + j, cnt), s, b), load_acc_n(m + j, cnt),
+                                  load_acc_n(add.data() + j, cnt));
+          });
+        } else {
+          map_range(dr, 0, C, [&](int64_t j, int64_t cnt) {
+            return at::vec::fmadd(load_n(gr + j, cnt), s, b) * load_acc_n(m + j, cnt);
+          });
+        }
+        if (with_gp) {
+          const int64_t c = st.sarg[r];
+          if (c >= 0 && c < C) {
+            fix_spatial(n, c, hw);
+          }
+        }
+      }
+      if (ct.carg != nullptr) {
+        for (int64_t c = 0; c < C; ++c) {
+          const int64_t hw = ct.carg[n * C + c];
+          if (hw >= r0 && hw < r1) {
+            fix_channel(n, c, hw);
+          }
+        }
+      }
+    });
+  }
+}
+
+}  // namespace
+}  // namespace attnkern::cpu
+ATTNKERN_VEC_END
+
+// -----------------------------------------------------------------------------------------------
+// The ops: checks, then the kernels above (or, on a CPU without AVX2/FMA, a composite of ATen ops
+// that mirrors attnkern/backends/torch_kernels.py).
+namespace attnkern::cpu {
+namespace {
+
+using at::Tensor;
+using std::optional;
+
+Tensor acc(const Tensor& t) {
+  return t.to(acc_type_of(t.scalar_type()));
+}
+
+// A full-size fallback result in x's dtype and memory format.
+Tensor like_x(const Tensor& result, const Tensor& x) {
+  return at::empty_like(x).copy_(result);
+}
+
+namespace fallback {
+
+std::tuple<Tensor, Tensor, Tensor> channel_pool(const Tensor& x) {
+  auto flat = acc(x).flatten(2);
+  auto [mx, arg] = flat.max(2);
+  return {flat.mean(2), mx, arg};
+}
+
+std::tuple<Tensor, Tensor> spatial_pool(const Tensor& x, const Tensor& gate) {
+  auto x1 = acc(x) * gate.unsqueeze(-1).unsqueeze(-1);
+  auto [mx, arg] = x1.max(1);
+  return {at::stack({x1.mean(1), mx}, 1), arg};
+}
+
+Tensor g1_of(const Tensor& grad, const Tensor& x, const optional<Tensor>& sg, const optional<Tensor>& gp,
+             const optional<Tensor>& sarg) {
+  auto g1 = acc(grad);
+  if (!sg.has_value()) {
+    return g1;
+  }
+  g1 = g1 * sg->unsqueeze(1);
+  if (gp.has_value()) {
+    g1 = g1 + gp->narrow(1, 0, 1) / x.size(1);
+    auto onehot = at::arange(x.size(1), sarg->options()).view({1, -1, 1, 1}) == sarg->unsqueeze(1);
+    g1 = g1 + gp->narrow(1, 1, 1) * onehot;
+  }
+  return g1;
+}
+
+}  // namespace fallback
+
+// Shared argument handling of the full-size inputs.
+struct Prepared {
+  Tensor x;  // in `layout`
+  Layout layout;
+  at::ScalarType acc;
+};
+
+Prepared prepare(const char* op, const Tensor& x) {
+  check_full(op, "x", x);
+  const Layout layout = layout_of(x);
+  return {in_layout(x, layout), layout, acc_type_of(x.scalar_type())};
+}
+
+std::tuple<Tensor, Tensor, Tensor> channel_pool_cpu(const Tensor& x_in) {
+  constexpr const char* op = "attnkern::channel_pool";
+  check_full(op, "x", x_in);
+  const int64_t N = x_in.size(0), C = x_in.size(1), HW = x_in.size(2) * x_in.size(3);
+  TORCH_CHECK(HW > 0 || N * C == 0, op, ": cannot take the max over an empty H*W (x has shape ", x_in.sizes(), ")");
+  if (!use_vec_kernels()) {
+    return fallback::channel_pool(x_in);
+  }
+  const auto p = prepare(op, x_in);
+  auto opts = x_in.options().dtype(p.acc);
+  Tensor avg = at::empty({N, C}, opts), mx = at::empty({N, C}, opts);
+  Tensor arg = at::empty({N, C}, x_in.options().dtype(at::kLong));
+  if (N * C > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.x.scalar_type(), "attnkern_channel_pool_cpu", [&] {
+      channel_pool_kernel<scalar_t>(p.x, p.layout, avg, mx, arg);
+    });
+  }
+  return {avg, mx, arg};
+}
+
+std::tuple<Tensor, Tensor> spatial_pool_cpu(const Tensor& x_in, const Tensor& gate_in) {
+  constexpr const char* op = "attnkern::spatial_pool";
+  auto p = prepare(op, x_in);
+  const int64_t N = x_in.size(0), C = x_in.size(1), H = x_in.size(2), W = x_in.size(3);
+  Tensor gate = check_small(op, "channel_gate", gate_in, p.acc, {N, C}, x_in);
+  TORCH_CHECK(C > 0 || N * H * W == 0, op, ": cannot take the max over an empty C (x has shape ", x_in.sizes(), ")");
+  TORCH_CHECK(C < (int64_t(1) << 31), op, ": more than 2^31 - 1 channels are not supported");
+  if (!use_vec_kernels()) {
+    return fallback::spatial_pool(x_in, gate);
+  }
+  Tensor pooled = at::empty({N, 2, H, W}, x_in.options().dtype(p.acc));
+  Tensor arg = at::empty({N, H, W}, x_in.options().dtype(at::kLong));
+  if (N * H * W > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.x.scalar_type(), "attnkern_spatial_pool_cpu", [&] {
+      spatial_pool_kernel<scalar_t>(p.x, p.layout, gate, pooled, arg);
+    });
+  }
+  return {pooled, arg};
+}
+
+Tensor apply_gates_cpu(const Tensor& x_in, const Tensor& cgate_in, const optional<Tensor>& sgate_in) {
+  constexpr const char* op = "attnkern::apply_gates";
+  auto p = prepare(op, x_in);
+  const int64_t N = x_in.size(0), C = x_in.size(1);
+  Tensor cgate = check_small(op, "channel_gate", cgate_in, p.acc, {N, C}, x_in);
+  optional<Tensor> sgate;
+  if (sgate_in.has_value()) {
+    sgate = check_spatial_map(op, "spatial_gate", *sgate_in, p.acc, x_in);
+  }
+  if (!use_vec_kernels()) {
+    auto scale = cgate.unsqueeze(-1).unsqueeze(-1);
+    if (sgate.has_value()) {
+      scale = scale * sgate->unsqueeze(1);
+    }
+    return like_x(acc(x_in) * scale, x_in);
+  }
+  Tensor y = at::empty_like(p.x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.x.scalar_type(), "attnkern_apply_gates_cpu", [&] {
+    apply_gates_kernel<scalar_t>(p.x, p.layout, cgate, sgate.has_value() ? &*sgate : nullptr, y);
+  });
+  return y;
+}
+
+Tensor spatial_gate_grad_cpu(const Tensor& grad_in, const Tensor& x_in, const Tensor& cgate_in) {
+  constexpr const char* op = "attnkern::spatial_gate_grad";
+  auto p = prepare(op, x_in);
+  check_like_x(op, "grad", grad_in, x_in);
+  const int64_t N = x_in.size(0), C = x_in.size(1), H = x_in.size(2), W = x_in.size(3);
+  Tensor cgate = check_small(op, "channel_gate", cgate_in, p.acc, {N, C}, x_in);
+  if (!use_vec_kernels()) {
+    return (acc(grad_in) * acc(x_in) * cgate.unsqueeze(-1).unsqueeze(-1)).sum(1);
+  }
+  Tensor grad = in_layout(grad_in, p.layout);
+  Tensor out = at::empty({N, H, W}, x_in.options().dtype(p.acc));
+  if (out.numel() > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.x.scalar_type(), "attnkern_spatial_gate_grad_cpu",
+                                    [&] { spatial_gate_grad_kernel<scalar_t>(grad, p.x, p.layout, cgate, out); });
+  }
+  return out;
+}
+
+// Checks the optional spatial terms; returns (spatial_gate, grad_pooled, spatial_argmax), each
+// contiguous, the last two absent or both present. Without spatial_gate the others are ignored
+// (as in the reference).
+std::tuple<optional<Tensor>, optional<Tensor>, optional<Tensor>> check_spatial_terms(
+    const char* op, const Tensor& x, at::ScalarType acc_type, const optional<Tensor>& sg, const optional<Tensor>& gp,
+    const optional<Tensor>& sarg) {
+  if (!sg.has_value()) {
+    return {};
+  }
+  const int64_t N = x.size(0), H = x.size(2), W = x.size(3);
+  Tensor s = check_spatial_map(op, "spatial_gate", *sg, acc_type, x);
+  if (!gp.has_value()) {
+    return {s, std::nullopt, std::nullopt};
+  }
+  TORCH_CHECK(sarg.has_value(), op, ": grad_pooled needs spatial_argmax");
+  Tensor g = check_small(op, "grad_pooled", *gp, acc_type, {N, 2, H, W}, x);
+  Tensor a = check_spatial_map(op, "spatial_argmax", *sarg, at::kLong, x);
+  return {s, g, a};
+}
+
+template <typename A>
+SpatialTerms<A> spatial_terms_of(const optional<Tensor>& sg, const optional<Tensor>& gp, const optional<Tensor>& sarg) {
+  SpatialTerms<A> st;
+  if (sg.has_value()) {
+    st.sg = sg->const_data_ptr<A>();
+  }
+  if (gp.has_value()) {
+    st.gp = gp->const_data_ptr<A>();
+    st.sarg = sarg->const_data_ptr<int64_t>();
+  }
+  return st;
+}
+
+Tensor channel_gate_grad_cpu(const Tensor& grad_in, const Tensor& x_in, const optional<Tensor>& sg_in,
+                             const optional<Tensor>& gp_in, const optional<Tensor>& sarg_in) {
+  constexpr const char* op = "attnkern::channel_gate_grad";
+  auto p = prepare(op, x_in);
+  check_like_x(op, "grad", grad_in, x_in);
+  const int64_t N = x_in.size(0), C = x_in.size(1);
+  optional<Tensor> sg, gp, sarg;
+  std::tie(sg, gp, sarg) = check_spatial_terms(op, x_in, p.acc, sg_in, gp_in, sarg_in);
+  if (!use_vec_kernels()) {
+    return (fallback::g1_of(grad_in, x_in, sg, gp, sarg) * acc(x_in)).sum({2, 3});
+  }
+  Tensor grad = in_layout(grad_in, p.layout);
+  Tensor out = at::empty({N, C}, x_in.options().dtype(p.acc));
+  if (out.numel() > 0 && x_in.size(2) * x_in.size(3) == 0) {
+    out.zero_();  // empty sums
+  } else if (out.numel() > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.x.scalar_type(), "attnkern_channel_gate_grad_cpu", [&] {
+      const auto st = spatial_terms_of<acc_t<scalar_t>>(sg, gp, sarg);
+      if (sg.has_value()) {
+        channel_gate_grad_kernel<scalar_t, true>(grad, p.x, p.layout, st, out);
+      } else {
+        channel_gate_grad_kernel<scalar_t, false>(grad, p.x, p.layout, st, out);
+      }
+    });
+  }
+  return out;
+}
+
+Tensor cbam_input_grad_cpu(const Tensor& grad_in, const Tensor& x_in, const Tensor& cgate_in,
+                           const optional<Tensor>& sg_in, const optional<Tensor>& gp_in,
+                           const optional<Tensor>& sarg_in, const optional<Tensor>& ga_in,
+                           const optional<Tensor>& gm_in, const optional<Tensor>& carg_in) {
+  constexpr const char* op = "attnkern::cbam_input_grad";
+  auto p = prepare(op, x_in);
+  check_like_x(op, "grad", grad_in, x_in);
+  const int64_t N = x_in.size(0), C = x_in.size(1), HW = x_in.size(2) * x_in.size(3);
+  Tensor cgate = check_small(op, "channel_gate", cgate_in, p.acc, {N, C}, x_in);
+  optional<Tensor> sg, gp, sarg;
+  std::tie(sg, gp, sarg) = check_spatial_terms(op, x_in, p.acc, sg_in, gp_in, sarg_in);
+  optional<Tensor> ga, gm, carg;
+  if (ga_in.has_value()) {
+    ga = check_small(op, "grad_avg", *ga_in, p.acc, {N, C}, x_in);
+  }
+  if (gm_in.has_value()) {
+    TORCH_CHECK(carg_in.has_value(), op, ": grad_max needs channel_argmax");
+    gm = check_small(op, "grad_max", *gm_in, p.acc, {N, C}, x_in);
+    carg = check_small(op, "channel_argmax", *carg_in, at::kLong, {N, C}, x_in);
+  }
+  if (!use_vec_kernels()) {
+    auto dx = fallback::g1_of(grad_in, x_in, sg, gp, sarg) * cgate.unsqueeze(-1).unsqueeze(-1);
+    if (ga.has_value()) {
+      dx = dx + ga->unsqueeze(-1).unsqueeze(-1) / HW;
+    }
+    if (gm.has_value()) {
+      auto onehot = at::arange(HW, carg->options()).view({1, 1, -1}) == carg->unsqueeze(-1);
+      dx = dx + (gm->unsqueeze(-1) * onehot).view(x_in.sizes());
+    }
+    return like_x(dx, x_in);
+  }
+  Tensor grad = in_layout(grad_in, p.layout);
+  Tensor dx = at::empty_like(p.x);
+  if (dx.numel() > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.x.scalar_type(), "attnkern_cbam_input_grad_cpu", [&] {
+      using A = acc_t<scalar_t>;
+      const auto st = spatial_terms_of<A>(sg, gp, sarg);
+      ChannelTerms<A> ct;
+      if (ga.has_value()) {
+        ct.ga = ga->const_data_ptr<A>();
+      }
+      if (gm.has_value()) {
+        ct.gm = gm->const_data_ptr<A>();
+        ct.carg = carg->const_data_ptr<int64_t>();
+      }
+      if (sg.has_value()) {
+        cbam_input_grad_kernel<scalar_t, true>(grad, p.layout, cgate, st, ct, dx);
+      } else {
+        cbam_input_grad_kernel<scalar_t, false>(grad, p.layout, cgate, st, ct, dx);
+      }
+    });
+  }
+  return dx;
+}
+
+}  // namespace
+}  // namespace attnkern::cpu
+
+TORCH_LIBRARY_IMPL(attnkern, CPU, m) {
+  m.impl("channel_pool", &attnkern::cpu::channel_pool_cpu);
+  m.impl("spatial_pool", &attnkern::cpu::spatial_pool_cpu);
+  m.impl("apply_gates", &attnkern::cpu::apply_gates_cpu);
+  m.impl("spatial_gate_grad", &attnkern::cpu::spatial_gate_grad_cpu);
+  m.impl("channel_gate_grad", &attnkern::cpu::channel_gate_grad_cpu);
+  m.impl("cbam_input_grad", &attnkern::cpu::cbam_input_grad_cpu);
+}

@@ -1,0 +1,754 @@
+// Shared by the C++ CPU kernels (cbam_cpu.cpp, bam_cpu.cpp): argument checks, layouts, work
+// splitting, and the at::vec helpers the kernels are written with.
+//
+// Vector ISA. at::vec::Vectorized<T> is only fast when it is compiled for AVX2 (its generic
+// version is plain loops, ~10x slower here), and setup.py compiles every file with the baseline
+// x86-64 flags. So on x86-64 with GCC the kernel code is compiled for AVX2+FMA+F16C inside
+// ATTNKERN_VEC_BEGIN / ATTNKERN_VEC_END (a `#pragma GCC target` region that also holds the
+// at::vec headers, included here with CPU_CAPABILITY=AVX2), and every op checks the CPU at run
+// time (use_vec_kernels()): without AVX2/FMA it runs a composite ATen fallback that mirrors
+// attnkern/backends/torch_kernels.py. Only code *defined* inside a region is AVX2 code: the
+// ATen / c10 / std headers are all included before it (see the list below), so no inline
+// function that baseline code may share is emitted with AVX2 instructions. Elsewhere (other
+// architectures, other compilers, or -DATTNKERN_GENERIC_VEC) the kernels use the TU's own
+// Vectorized (NEON on aarch64; on x86 the generic loops: correct, slower) and always run.
+// ATTNKERN_CPU_FALLBACK=1 in the environment forces the fallback (to test it).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <c10/util/bit_cast.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <numeric>
+#include <type_traits>
+#include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(ATTNKERN_GENERIC_VEC)
+#define ATTNKERN_X86_DISPATCH 1
+#else
+#define ATTNKERN_X86_DISPATCH 0
+#endif
+
+#if ATTNKERN_X86_DISPATCH
+// Everything at::vec's headers include outside at::vec, so that it is compiled for the baseline
+// ISA here rather than inside the AVX2 region below.
+#include <ATen/AccumulateType.h>
+#include <ATen/NumericUtils.h>
+#include <ATen/jiterator_macros.h>
+#include <ATen/native/Math.h>
+#include <ATen/native/cpu/zmath.h>
+#include <ATen/native/quantized/AffineQuantizerBase.h>
+#include <c10/util/BFloat16-math.h>
+#include <c10/util/MathConstants.h>
+#include <c10/util/copysign.h>
+#include <x86intrin.h>
+
+#define ATTNKERN_VEC_BEGIN _Pragma("GCC push_options") _Pragma("GCC target(\"avx2,fma,f16c\")")
+#define ATTNKERN_VEC_END _Pragma("GCC pop_options")
+#ifdef CPU_CAPABILITY
+#error "cpu_utils.h must be included before any at::vec header"
+#endif
+#define CPU_CAPABILITY AVX2
+#define CPU_CAPABILITY_AVX2
+#else
+#define ATTNKERN_VEC_BEGIN
+#define ATTNKERN_VEC_END
+#endif
+
+namespace attnkern::cpu {
+
+// ---------------------------------------------------------------------------------------------
+// Baseline-ISA part: dispatch decision, argument checks, layouts, work splitting.
+
+// Whether the vectorised kernels may run on this CPU (see the header comment).
+inline bool use_vec_kernels() {
+  static const bool ok = [] {
+    const char* env = std::getenv("ATTNKERN_CPU_FALLBACK");
+    if (env != nullptr && env[0] != '\0' && std::strcmp(env, "0") != 0) {
+      return false;
+    }
+#if ATTNKERN_X86_DISPATCH
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+#else
+    return true;
+#endif
+  }();
+  return ok;
+}
+
+enum class Layout { NCHW, NHWC };
+
+inline at::MemoryFormat memory_format_of(Layout layout) {
+  return layout == Layout::NHWC ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
+// Contiguous wins when both hold (C == 1 or H == W == 1: the two orders are the same memory).
+// Any other strides are made contiguous (one copy).
+inline Layout layout_of(const at::Tensor& x) {
+  if (!x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+    return Layout::NHWC;
+  }
+  return Layout::NCHW;
+}
+
+// t in the given layout: t itself when it already is, else a copy.
+inline at::Tensor in_layout(const at::Tensor& t, Layout layout) {
+  return t.contiguous(memory_format_of(layout));
+}
+
+inline at::ScalarType acc_type_of(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// The full-size input (x, grad): 4-D, floating, on the CPU.
+inline void check_full(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.dim() == 4, op, ": ", name, " must be a 4-D (N, C, H, W) tensor, got a ", t.dim(),
+              "-dim tensor of shape ", t.sizes());
+  const auto st = t.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf, op, ": ", name,
+              " must have a floating dtype (float32, float64, bfloat16 or float16), got dtype ", st);
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be on the CPU (this is the CPU kernel), got device ",
+              t.device());
+}
+
+// A second full-size tensor (grad, grad_x_partial): same shape and dtype as x.
+inline void check_like_x(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x) {
+  check_full(op, name, t);
+  TORCH_CHECK(t.sizes() == x.sizes(), op, ": ", name, " must have x's shape ", x.sizes(), ", got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", name, " must have x's dtype ", x.scalar_type(),
+              ", got dtype ", t.scalar_type());
+}
+
+// A small map (gate, pooled map, argmax): dtype, device and shape checked; returned contiguous.
+inline at::Tensor check_small(const char* op, const char* name, const at::Tensor& t, at::ScalarType dtype,
+                              at::IntArrayRef shape, const at::Tensor& x) {
+  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " must be on x's device (", x.device(), "), got ",
+              t.device());
+  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must have dtype ", dtype,
+              dtype == at::kLong ? std::string("") : std::string(" (the accumulation dtype for x of dtype ") +
+                                                         std::string(c10::toString(x.scalar_type())) + ")",
+              ", got dtype ", t.scalar_type());
+  TORCH_CHECK(t.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ", t.sizes());
+  return t.contiguous();
+}
+
+// A per-pixel map given as (N, H, W) or (N, 1, H, W); returned as a contiguous (N, H, W) tensor.
+inline at::Tensor check_spatial_map(const char* op, const char* name, const at::Tensor& t, at::ScalarType dtype,
+                                    const at::Tensor& x) {
+  const int64_t n = x.size(0), h = x.size(2), w = x.size(3);
+  if (t.dim() == 4) {
+    return check_small(op, name, t, dtype, {n, 1, h, w}, x).view({n, h, w});
+  }
+  return check_small(op, name, t, dtype, {n, h, w}, x);
+}
+
+// Parallel split helpers. A parallel task should hold at least kGrain elements of work; with the
+// OpenMP backend at::parallel_for gives each thread one contiguous block of tasks, so task counts
+// are kept divisible by the thread count where that is cheap.
+constexpr int64_t kGrain = 32768;
+
+inline int64_t divup(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
+
+// The grain (in tasks) for tasks of `work` elements each.
+inline int64_t task_grain(int64_t work) {
+  return std::max<int64_t>(1, kGrain / std::max<int64_t>(1, work));
+}
+
+// How many chunks to cut each of `samples` ranges of length `len` into: chunks at most
+// `max_len` long and, where the data is big enough to be worth threads, a total task count that
+// splits evenly across the threads (one sample with two threads gets two chunks), never chunks
+// shorter than `min_len`.
+inline int64_t chunks_per_sample(int64_t samples, int64_t len, int64_t max_len, int64_t min_len,
+                                 int64_t work_per_sample) {
+  if (samples <= 0 || len <= 0) {
+    return 1;
+  }
+  int64_t nch = divup(len, max_len);
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t most = std::max(nch, len / std::max<int64_t>(1, min_len));
+  if (threads > 1 && samples * work_per_sample >= 2 * kGrain && samples * nch < 4 * threads) {
+    while ((samples * nch) % threads != 0 && nch < most) {
+      ++nch;
+    }
+  }
+  return nch;
+}
+
+// [start, end) of chunk i of `nch` chunks of a range of length len, with chunk starts aligned to
+// `align` elements.
+inline std::pair<int64_t, int64_t> chunk_range(int64_t len, int64_t nch, int64_t i, int64_t align) {
+  int64_t size = divup(divup(len, nch), align) * align;
+  int64_t start = std::min(len, i * size);
+  int64_t end = std::min(len, start + size);
+  return {start, end};
+}
+
+}  // namespace attnkern::cpu
+
+// ---------------------------------------------------------------------------------------------
+// Vector part (AVX2 on x86-64/GCC; see above).
+ATTNKERN_VEC_BEGIN
+#if ATTNKERN_X86_DISPATCH && !defined(__AVX__)
+// g++ preprocesses the whole file before the target pragma takes effect, so the ISA macros stay
+// at the baseline; sleef.h declares its 256-bit functions (used by vec256) only under __AVX__.
+#define __AVX__ 1
+#define ATTNKERN_UNDEF_AVX
+#endif
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#ifdef ATTNKERN_UNDEF_AVX
+#undef __AVX__
+#undef ATTNKERN_UNDEF_AVX
+#endif
+
+namespace attnkern::cpu {
+
+using at::vec::Vectorized;
+
+template <typename T>
+using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+// An integer with the width of acc_t: argmax positions ride in vector lanes as bit patterns.
+template <typename A>
+using bits_t = std::conditional_t<std::is_same_v<A, double>, int64_t, int32_t>;
+
+template <typename A>
+inline Vectorized<A> bits_vec(bits_t<A> k) {
+  return Vectorized<A>(c10::bit_cast<A>(k));
+}
+
+template <typename A>
+inline bits_t<A> from_bits(A v) {
+  return c10::bit_cast<bits_t<A>>(v);
+}
+
+// Loads of Vectorized<acc_t<T>>::size() elements of T as acc_t (and partial loads of n of them,
+// the other lanes zero); stores back to T.
+inline Vectorized<float> vload(const float* p) {
+  return Vectorized<float>::loadu(p);
+}
+inline Vectorized<float> vload(const float* p, int64_t n) {
+  return Vectorized<float>::loadu(p, n);
+}
+inline Vectorized<double> vload(const double* p) {
+  return Vectorized<double>::loadu(p);
+}
+inline Vectorized<double> vload(const double* p, int64_t n) {
+  return Vectorized<double>::loadu(p, n);
+}
+template <typename T, typename = std::enable_if_t<at::vec::is_reduced_floating_point_v<T>>>
+inline Vectorized<float> vload(const T* p) {
+  Vectorized<float> out;
+  at::vec::load_to_float<T>(p, out);
+  return out;
+}
+template <typename T, typename = std::enable_if_t<at::vec::is_reduced_floating_point_v<T>>>
+inline Vectorized<float> vload(const T* p, int64_t n) {
+  auto both = at::vec::convert_to_float<T>(Vectorized<T>::loadu(p, n));
+  return std::get<0>(both);
+}
+
+inline void vstore(float* p, const Vectorized<float>& v) {
+  v.store(p);
+}
+inline void vstore(float* p, const Vectorized<float>& v, int64_t n) {
+  v.store(p, n);
+}
+inline void vstore(double* p, const Vectorized<double>& v) {
+  v.store(p);
+}
+inline void vstore(double* p, const Vectorized<double>& v, int64_t n) {
+  v.store(p, n);
+}
+template <typename T, typename = std::enable_if_t<at::vec::is_reduced_floating_point_v<T>>>
+inline void vstore(T* p, const Vectorized<float>& v) {
+  at::vec::convert_from_float<T>(v, v).store(p, Vectorized<float>::size());
+}
+template <typename T, typename = std::enable_if_t<at::vec::is_reduced_floating_point_v<T>>>
+inline void vstore(T* p, const Vectorized<float>& v, int64_t n) {
+  at::vec::convert_from_float<T>(v, v).store(p, n);
+}
+
+template <typename A>
+inline A hsum(const Vectorized<A>& v) {
+  return at::vec::vec_reduce_all<A>([](const Vectorized<A>& a, const Vectorized<A>& b) { return a + b; }, v);
+}
+
+// Runs f(row, j0, j1) over the [j0, j1) pieces of `rows` rows of length `len`, the rows * len
+// elements split evenly over the threads (elementwise kernels).
+template <typename F>
+inline void parallel_rows(int64_t rows, int64_t len, const F& f) {
+  if (rows <= 0 || len <= 0) {
+    return;
+  }
+  at::parallel_for(0, rows * len, kGrain, [&](int64_t begin, int64_t end) {
+    int64_t row = begin / len;
+    int64_t j = begin - row * len;
+    while (begin < end) {
+      const int64_t j1 = std::min(len, j + (end - begin));
+      f(row, j, j1);
+      begin += j1 - j;
+      ++row;
+      j = 0;
+    }
+  });
+}
+
+// Max for finite / infinite values (NaN handling is left to the callers: they find NaNs from the
+// sums, which a NaN always turns into NaN). One instruction on x86, unlike at::vec::maximum.
+template <typename A>
+inline Vectorized<A> vmax(const Vectorized<A>& a, const Vectorized<A>& b) {
+  return at::vec::clamp_min(a, b);
+}
+
+template <typename A>
+inline A hmax(const Vectorized<A>& v) {
+  return at::vec::vec_reduce_all<A>([](const Vectorized<A>& a, const Vectorized<A>& b) { return vmax(a, b); }, v);
+}
+
+// Bit i set where lane i of the comparison mask m is set.
+template <typename A>
+inline int lanes_set(const Vectorized<A>& m) {
+  constexpr int all = (1 << Vectorized<A>::size()) - 1;
+  return ~m.zero_mask() & all;
+}
+
+// Sum, max and argmax (first maximal element; NaN counts as maximal) of v_j for j in [0, n),
+// where v_j = p[j] (kScaled: p[j] * s[j]), all in acc_t. Two passes: sum and max, then the first
+// position holding the max (the row is in L1 by then, and the search stops there).
+template <typename A>
+struct RowStats {
+  A sum;
+  A max;
+  int64_t arg;
+};
+
+template <typename T, bool kScaled>
+inline RowStats<acc_t<T>> row_stats(const T* p, const acc_t<T>* s, int64_t n) {
+  using A = acc_t<T>;
+  using V = Vectorized<A>;
+  constexpr int64_t L = V::size();
+  auto value = [&](int64_t j) {
+    V v = vload(p + j);
+    if constexpr (kScaled) {
+      v = v * V::loadu(s + j);
+    }
+    return v;
+  };
+  auto scalar = [&](int64_t j) {
+    A v = static_cast<A>(p[j]);
+    if constexpr (kScaled) {
+      v = v * s[j];
+    }
+    return v;
+  };
+  constexpr A kNegInf = -std::numeric_limits<A>::infinity();
+  V s0(A(0)), s1(A(0)), s2(A(0)), s3(A(0));
+  V m0(kNegInf), m1(kNegInf), m2(kNegInf), m3(kNegInf);
+  int64_t j = 0;
+  for (; j + 4 * L <= n; j += 4 * L) {
+    const V v0 = value(j), v1 = value(j + L), v2 = value(j + 2 * L), v3 = value(j + 3 * L);
+    s0 = s0 + v0;
+    s1 = s1 + v1;
+    s2 = s2 + v2;
+    s3 = s3 + v3;
+    m0 = vmax(m0, v0);
+    m1 = vmax(m1, v1);
+    m2 = vmax(m2, v2);
+    m3 = vmax(m3, v3);
+  }
+  for (; j + L <= n; j += L) {
+    const V v = value(j);
+    s0 = s0 + v;
+    m0 = vmax(m0, v);
+  }
+  A total = hsum((s0 + s1) + (s2 + s3));
+  A mx = hmax(vmax(vmax(m0, m1), vmax(m2, m3)));
+  for (int64_t i = j; i < n; ++i) {
+    const A v = scalar(i);
+    total += v;
+    mx = v > mx ? v : mx;
+  }
+  if (std::isnan(total)) {  // a NaN, or +inf and -inf: the first NaN, if any, is the answer
+    for (int64_t i = 0; i < n; ++i) {
+      const A v = scalar(i);
+      if (std::isnan(v)) {
+        return {total, v, i};
+      }
+    }
+  }
+  // The first lane equal to the max. Short rows (NHWC pools over C) test eight vectors per branch:
+  // the position is data-dependent, so a branch per vector would mispredict about once per row,
+  // which costs as much as the row. Long rows exit at the first hit.
+  const V mv(mx);
+  const int64_t full = n - n % L;
+  if (n > 16 * L) {
+    for (int64_t i = 0; i < full; i += L) {
+      const int hit = lanes_set(value(i) == mv);
+      if (hit != 0) {
+        const int64_t at = i + __builtin_ctz(hit);
+        return {total, scalar(at), at};
+      }
+    }
+  }
+  constexpr int64_t kGroup = std::min<int64_t>(8, 64 / L);  // vectors per 64-bit hit mask
+  for (int64_t i = 0; i < full; i += kGroup * L) {
+    const int64_t group = std::min<int64_t>(kGroup, (full - i) / L);
+    uint64_t hits = 0;
+    for (int64_t u = 0; u < group; ++u) {
+      hits |= uint64_t(lanes_set(value(i + u * L) == mv)) << (u * L);
+    }
+    if (hits != 0) {
+      const int64_t at = i + __builtin_ctzll(hits);
+      return {total, scalar(at), at};
+    }
+  }
+  for (int64_t i = full; i < n; ++i) {
+    if (scalar(i) == mx) {
+      return {total, scalar(i), i};
+    }
+  }
+  return {total, mx, 0};  // n == 0
+}
+
+// Column statistics of a strided block: for rows k in [0, rows) and columns j in [0, cols),
+// v = base[k * stride + j] (kScaled: times rs[k]); accumulates sum[j], max[j] and the row of the
+// first maximum (as bits, see bits_vec) into the buffers, which hold round_up(cols, L) entries.
+// Rows go four at a time: the buffers are loaded and stored once per four rows, and the argmax
+// bookkeeping runs only when one of the four rows beats the running max somewhere.
+template <typename T, bool kScaled>
+inline void col_stats(const T* base, int64_t stride, int64_t rows, int64_t cols, const acc_t<T>* rs,
+                      acc_t<T>* sum, acc_t<T>* mx, acc_t<T>* idx) {
+  using A = acc_t<T>;
+  using V = Vectorized<A>;
+  constexpr int64_t L = V::size();
+  auto load = [&](const T* row, int64_t j, int64_t cnt, A scale) {
+    V v = cnt == L ? vload(row + j) : vload(row + j, cnt);
+    if constexpr (kScaled) {
+      v = v * V(scale);
+    }
+    return v;
+  };
+  auto track = [](const V& v, const V& kv, V& m, V& ix) {
+    const V gt = v > m;
+    m = V::blendv(m, v, gt);
+    ix = V::blendv(ix, kv, gt);
+  };
+  int64_t k = 0;
+  for (; k + 4 <= rows; k += 4) {
+    const T* r0 = base + k * stride;
+    const T* r1 = r0 + stride;
+    const T* r2 = r1 + stride;
+    const T* r3 = r2 + stride;
+    const A c0 = kScaled ? rs[k] : A(1), c1 = kScaled ? rs[k + 1] : A(1);
+    const A c2 = kScaled ? rs[k + 2] : A(1), c3 = kScaled ? rs[k + 3] : A(1);
+    for (int64_t j = 0; j < cols; j += L) {
+      const int64_t cnt = std::min(L, cols - j);
+      const V v0 = load(r0, j, cnt, c0), v1 = load(r1, j, cnt, c1);
+      const V v2 = load(r2, j, cnt, c2), v3 = load(r3, j, cnt, c3);
+      (V::loadu(sum + j) + ((v0 + v1) + (v2 + v3))).store(sum + j);
+      V m = V::loadu(mx + j);
+      if (lanes_set(vmax(vmax(v0, v1), vmax(v2, v3)) > m) != 0) {
+        V ix = V::loadu(idx + j);
+        track(v0, bits_vec<A>(bits_t<A>(k)), m, ix);
+        track(v1, bits_vec<A>(bits_t<A>(k + 1)), m, ix);
+        track(v2, bits_vec<A>(bits_t<A>(k + 2)), m, ix);
+        track(v3, bits_vec<A>(bits_t<A>(k + 3)), m, ix);
+        m.store(mx + j);
+        ix.store(idx + j);
+      }
+    }
+  }
+  for (; k < rows; ++k) {
+    const T* r0 = base + k * stride;
+    const A c0 = kScaled ? rs[k] : A(1);
+    const V kv = bits_vec<A>(bits_t<A>(k));
+    for (int64_t j = 0; j < cols; j += L) {
+      const int64_t cnt = std::min(L, cols - j);
+      const V v0 = load(r0, j, cnt, c0);
+      (V::loadu(sum + j) + v0).store(sum + j);
+      V m = V::loadu(mx + j), ix = V::loadu(idx + j);
+      track(v0, kv, m, ix);
+      m.store(mx + j);
+      ix.store(idx + j);
+    }
+  }
+}
+
+// Turns col_stats' buffers into (sum, max, row of the first max) for column j, finding NaNs the
+// comparisons skipped by rescanning columns whose sum is NaN.
+template <typename T, bool kScaled>
+inline RowStats<acc_t<T>> col_stats_result(const T* base, int64_t stride, int64_t rows, const acc_t<T>* rs,
+                                           const acc_t<T>* sum, const acc_t<T>* mx, const acc_t<T>* idx,
+                                           int64_t j) {
+  using A = acc_t<T>;
+  RowStats<A> r{sum[j], mx[j], int64_t(from_bits<A>(idx[j]))};
+  if (std::isnan(r.sum)) {
+    for (int64_t k = 0; k < rows; ++k) {
+      A v = static_cast<A>(base[k * stride + j]);
+      if constexpr (kScaled) {
+        v = v * rs[k];
+      }
+      if (std::isnan(v)) {
+        r.max = v;
+        r.arg = k;
+        break;
+      }
+    }
+  }
+  return r;
+}
+
+// Merges a later chunk's (max, arg) into the running one: first maximum wins, NaN is maximal.
+template <typename A>
+inline void merge_max(A& best, int64_t& arg, A v, int64_t varg) {
+  if (std::isnan(best)) {
+    return;
+  }
+  if (std::isnan(v) || v > best) {
+    best = v;
+    arg = varg;
+  }
+}
+
+// sum over j in [0, n) of f(j, cnt), f giving lanes j..j+cnt (the others zero).
+template <typename A, typename F>
+inline A row_sum(int64_t n, const F& f) {
+  using V = Vectorized<A>;
+  constexpr int64_t L = V::size();
+  V s0(A(0)), s1(A(0)), s2(A(0)), s3(A(0));
+  int64_t j = 0;
+  for (; j + 4 * L <= n; j += 4 * L) {
+    s0 = s0 + f(j, L);
+    s1 = s1 + f(j + L, L);
+    s2 = s2 + f(j + 2 * L, L);
+    s3 = s3 + f(j + 3 * L, L);
+  }
+  for (; j + L <= n; j += L) {
+    s0 = s0 + f(j, L);
+  }
+  if (j < n) {
+    s1 = s1 + f(j, n - j);
+  }
+  return hsum((s0 + s1) + (s2 + s3));
+}
+
+// Per-row operands of a column sum: two rows of T and two per-row constants.
+template <typename T>
+struct RowArgs {
+  const T* a;
+  const T* b;
+  Vectorized<acc_t<T>> s, t;
+};
+
+// sum[j] += sum over rows k in [0, rows) of f(row(k), j, cnt), for the column vectors of
+// [0, cols) (cnt lanes valid); rows four at a time per buffer load/store, each row's operands
+// (row(k)) computed once; post(k0, k1) runs after each block of rows [k0, k1) (while those rows
+// are in L1). sum holds round_up(cols, L) entries.
+template <typename A, typename Row, typename F, typename Post>
+inline void col_sum(int64_t rows, int64_t cols, A* sum, const Row& row, const F& f, const Post& post) {
+  using V = Vectorized<A>;
+  constexpr int64_t L = V::size();
+  int64_t k = 0;
+  for (; k + 4 <= rows; k += 4) {
+    const auto q0 = row(k), q1 = row(k + 1), q2 = row(k + 2), q3 = row(k + 3);
+    for (int64_t j = 0; j < cols; j += L) {
+      const int64_t cnt = std::min(L, cols - j);
+      (V::loadu(sum + j) + ((f(q0, j, cnt) + f(q1, j, cnt)) + (f(q2, j, cnt) + f(q3, j, cnt)))).store(sum + j);
+    }
+    post(k, k + 4);
+  }
+  for (; k < rows; ++k) {
+    const auto q0 = row(k);
+    for (int64_t j = 0; j < cols; j += L) {
+      const int64_t cnt = std::min(L, cols - j);
+      (V::loadu(sum + j) + f(q0, j, cnt)).store(sum + j);
+    }
+    post(k, k + 1);
+  }
+}
+
+template <typename T>
+inline Vectorized<acc_t<T>> load_n(const T* p, int64_t cnt) {
+  return cnt == Vectorized<acc_t<T>>::size() ? vload(p) : vload(p, cnt);
+}
+
+template <typename A>
+inline Vectorized<A> load_acc_n(const A* p, int64_t cnt) {
+  return cnt == Vectorized<A>::size() ? Vectorized<A>::loadu(p) : Vectorized<A>::loadu(p, cnt);
+}
+
+// y[j] = f(j, cnt) for j in [j0, j1).
+template <typename T, typename F>
+inline void map_range(T* y, int64_t j0, int64_t j1, const F& f) {
+  constexpr int64_t L = Vectorized<acc_t<T>>::size();
+  int64_t j = j0;
+  for (; j + 2 * L <= j1; j += 2 * L) {
+    vstore(y + j, f(j, L));
+    vstore(y + j + L, f(j + L, L));
+  }
+  for (; j + L <= j1; j += L) {
+    vstore(y + j, f(j, L));
+  }
+  if (j < j1) {
+    vstore(y + j, f(j, j1 - j), j1 - j);
+  }
+}
+
+
+// Work split into tasks of (sample n, chunk [h0, h1) of HW): nch chunks per sample.
+struct Tasks {
+  int64_t N, HW, nch, align;
+  int64_t count() const {
+    return N * nch;
+  }
+};
+
+// NCHW tiles: chunks of at most max_len pixels, each task walking all C planes of its chunk (so
+// per-pixel maps and column buffers of the chunk stay in L1). Chunk starts are aligned to 64
+// bytes of T, so that two threads do not write one cache line (false sharing) where a plane is
+// split between them.
+template <typename T>
+inline Tasks nchw_tiles(int64_t N, int64_t C, int64_t HW, int64_t max_len) {
+  constexpr int64_t align = 64 / sizeof(T);
+  return {N, HW, chunks_per_sample(N, HW, max_len, 4 * align, C * HW), align};
+}
+
+// NCHW tiles for kernels whose planes are independent (elementwise ones, reductions over HW):
+// HW tiles of at most max_len pixels as above and, where the batch alone does not split evenly
+// over the threads, channel ranges. Threads get whole channel ranges (never two HW tiles of the
+// same planes at once: writing two halves of the same planes from two cores measured up to 2x
+// slower than one core).
+struct PlaneTiles {
+  int64_t N, C, HW, nch, ncr, align;
+  int64_t count() const {
+    return N * ncr * nch;
+  }
+};
+
+struct Tile {
+  int64_t n;      // sample
+  int64_t chunk;  // n * nch + HW tile index
+  int64_t h0, h1, c0, c1;
+};
+
+template <typename T>
+inline PlaneTiles plane_tiles(int64_t N, int64_t C, int64_t HW, int64_t max_len) {
+  const int64_t nch = std::max<int64_t>(1, divup(HW, max_len));
+  const int64_t ncr = chunks_per_sample(N, C, std::max<int64_t>(1, C), 1, C * HW);
+  return {N, C, HW, nch, ncr, 64 / int64_t(sizeof(T))};
+}
+
+// Runs f(tile) for every non-empty tile, in (sample, channel range, HW tile) order; `work`
+// elements per unit of C * HW (1 for one pass).
+template <typename F>
+inline void run_tiles(const PlaneTiles& pt, int64_t work, const F& f) {
+  const int64_t per_task = work * divup(pt.HW, pt.nch) * divup(pt.C, pt.ncr);
+  at::parallel_for(0, pt.count(), task_grain(per_task), [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = t / (pt.ncr * pt.nch), rest = t % (pt.ncr * pt.nch);
+      const int64_t cr = rest / pt.nch, hc = rest % pt.nch;
+      const auto hr = chunk_range(pt.HW, pt.nch, hc, pt.align);
+      const auto cs = chunk_range(pt.C, pt.ncr, cr, 1);
+      if (hr.first < hr.second && cs.first < cs.second) {
+        f(Tile{n, n * pt.nch + hc, hr.first, hr.second, cs.first, cs.second});
+      }
+    }
+  });
+}
+
+// NHWC row chunks of about kChunkElems elements (kept in L2 for a second, sparse pass).
+constexpr int64_t kChunkElems = 65536;
+inline Tasks nhwc_chunks(int64_t N, int64_t C, int64_t HW) {
+  const int64_t rows = std::max<int64_t>(1, kChunkElems / std::max<int64_t>(1, C));
+  return {N, HW, chunks_per_sample(N, HW, rows, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, C)), C * HW), 1};
+}
+
+// Runs f(task, n, h0, h1) for every non-empty task, `work` elements per task.
+template <typename F>
+inline void run_tasks(const Tasks& tk, int64_t work, const F& f) {
+  at::parallel_for(0, tk.count(), task_grain(work), [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const auto range = chunk_range(tk.HW, tk.nch, t % tk.nch, tk.align);
+      if (range.first < range.second) {
+        f(t, t / tk.nch, range.first, range.second);
+      }
+    }
+  });
+}
+
+constexpr int64_t kSeg = 2048;   // pixels per NCHW tile of the over-C reductions (L1 buffers)
+constexpr int64_t kTile = 2048;  // pixels per NCHW tile of the per-pixel-map kernels
+constexpr int64_t kCols = 256;   // C segment of the NHWC over-HW reductions (L1 buffers)
+
+inline int64_t offset_of(Layout layout, int64_t C, int64_t HW, int64_t n, int64_t c, int64_t hw) {
+  return layout == Layout::NCHW ? (n * C + c) * HW + hw : (n * HW + hw) * C + c;
+}
+
+// Per-task (N, C) partial sums: task t writes row t (or straight into out when a sample is one
+// task); finish() adds the rows of each sample in order.
+template <typename A>
+struct ChannelPartials {
+  int64_t N, C, nch;
+  A* out;
+  std::vector<A> rows;
+  ChannelPartials(int64_t N_, int64_t C_, int64_t nch_, A* out_) : N(N_), C(C_), nch(nch_), out(out_) {
+    if (nch > 1) {
+      rows.assign(N * nch * C, A(0));
+    }
+  }
+  A* row(int64_t t, int64_t n) {
+    return nch > 1 ? rows.data() + t * C : out + n * C;
+  }
+  void finish() {
+    if (nch <= 1) {
+      return;
+    }
+    at::parallel_for(0, N * C, task_grain(nch), [&](int64_t begin, int64_t end) {
+      for (int64_t q = begin; q < end; ++q) {
+        const int64_t n = q / C, c = q % C;
+        A s = 0;
+        for (int64_t ch = 0; ch < nch; ++ch) {
+          s += rows[(n * nch + ch) * C + c];
+        }
+        out[q] = s;
+      }
+    });
+  }
+};
+
+// buf[j] = src[j] / d for j in [0, n) (n <= the buffer's length).
+template <typename A>
+inline void divide_into(A* buf, const A* src, int64_t n, A d) {
+  using V = Vectorized<A>;
+  constexpr int64_t L = V::size();
+  const V dv(d);
+  int64_t j = 0;
+  for (; j + L <= n; j += L) {
+    (V::loadu(src + j) / dv).store(buf + j);
+  }
+  for (; j < n; ++j) {
+    buf[j] = src[j] / d;
+  }
+}
+
+// A fixed-size, 64-byte aligned scratch buffer on the stack.
+template <typename A, int64_t kLen>
+struct alignas(64) Scratch {
+  A data[kLen];
+};
+
+}  // namespace attnkern::cpu
+ATTNKERN_VEC_END
