@@ -30,7 +30,7 @@ def fused_cbam(x, channel, spatial, backend):
             )
     outputs = torch.ops.attnkern.cbam(x, *channel_args, *spatial_args, backend)
     if bn is not None:
-        update_running_stats(bn, outputs[7], outputs[8], x.shape[0] * x.shape[2] * x.shape[3])
+        update_running_stats(bn, outputs[8], outputs[9], x.shape[0] * x.shape[2] * x.shape[3])
     return outputs[0]
 
 

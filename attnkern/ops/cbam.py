@@ -40,7 +40,7 @@ def cbam(
     bn_eps: float,
     bn_training: bool,
     backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     kernels = get_kernels(backend)
     x = dense(x)
     n, c, h, w = x.shape
@@ -54,15 +54,15 @@ def cbam(
         channel_gate = x.new_ones((n, c), dtype=acc)
     if conv_weight is not None:
         pooled, spatial_argmax = kernels.spatial_pool(x, channel_gate)
-        spatial_gate, batch_mean, batch_var = gate_math.spatial_forward(
+        spatial_gate, conv_out, batch_mean, batch_var = gate_math.spatial_forward(
             kernels, pooled, conv_weight, conv_bias, bn_weight, bn_bias, bn_running_mean, bn_running_var, bn_eps, bn_training
         )
     else:
         # Placeholders for absent outputs; each its own tensor, since op outputs may not alias.
-        pooled, spatial_gate, batch_mean, batch_var = (x.new_empty(0, dtype=acc) for _ in range(4))
+        pooled, spatial_gate, conv_out, batch_mean, batch_var = (x.new_empty(0, dtype=acc) for _ in range(5))
         spatial_argmax = x.new_empty(0, dtype=torch.long)
     y = kernels.apply_gates(x, channel_gate, spatial_gate if conv_weight is not None else None)
-    return y, pools, channel_argmax, channel_gate, pooled, spatial_argmax, spatial_gate, batch_mean, batch_var
+    return y, pools, channel_argmax, channel_gate, pooled, spatial_argmax, spatial_gate, conv_out, batch_mean, batch_var
 
 
 @cbam.register_fake
@@ -81,6 +81,7 @@ def _cbam_fake(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, use_avg, use_max, 
         x.new_empty((n, 2, h, w) if has_spatial else (0,), dtype=acc),
         x.new_empty((n, h, w) if has_spatial else (0,), dtype=torch.long),
         x.new_empty((n, h, w) if has_spatial else (0,), dtype=acc),
+        x.new_empty((n, 1, h, w) if has_spatial else (0,), dtype=acc),
         x.new_empty((stats,), dtype=acc),
         x.new_empty((stats,), dtype=acc),
     )
@@ -109,6 +110,7 @@ def cbam_backward(
     pooled: Tensor,
     spatial_argmax: Tensor,
     spatial_gate: Tensor,
+    conv_out: Tensor,
     use_avg: bool,
     use_max: bool,
     backend: str,
@@ -122,7 +124,7 @@ def cbam_backward(
     if conv_weight is not None:
         grad_spatial_gate = kernels.spatial_gate_grad(grad, x, channel_gate)
         grad_pooled, *spatial_param_grads = gate_math.spatial_backward(
-            kernels, grad_spatial_gate, spatial_gate, pooled, conv_weight, conv_bias,
+            kernels, grad_spatial_gate, spatial_gate, pooled, conv_out, conv_weight, conv_bias,
             bn_weight, bn_bias, bn_running_mean, bn_running_var, bn_eps, bn_training,
         )
         spatial_args = (spatial_gate, grad_pooled, spatial_argmax)
@@ -158,13 +160,13 @@ def _cbam_backward_fake(grad, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, con
 def _setup_context(ctx, inputs, output):
     (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, use_avg, use_max, conv_weight, conv_bias,
      bn_weight, bn_bias, bn_running_mean, bn_running_var, bn_eps, bn_training, backend) = inputs
-    _, pools, channel_argmax, channel_gate, pooled, spatial_argmax, spatial_gate, _, _ = output
+    _, pools, channel_argmax, channel_gate, pooled, spatial_argmax, spatial_gate, conv_out, _, _ = output
     # Training-mode BN normalises with batch statistics (recomputed in backward); the running
     # buffers are updated in place after this op, so they are saved only when they are used.
     running = (None, None) if bn_training else (bn_running_mean, bn_running_var)
     ctx.save_for_backward(
         x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, conv_weight, conv_bias, bn_weight, bn_bias, *running,
-        pools, channel_argmax, channel_gate, pooled, spatial_argmax, spatial_gate,
+        pools, channel_argmax, channel_gate, pooled, spatial_argmax, spatial_gate, conv_out,
     )
     ctx.config = (bn_eps, bn_training, use_avg, use_max, backend)
     ctx.mark_non_differentiable(*output[1:])

@@ -1,14 +1,13 @@
 // Direct k x k "same" convolution of CBAM's small pooled map (N, Cin, H, W) -> (N, 1, H, W), and its
 // backward. ATen routes a 2-in / 1-out channel conv through im2col or oneDNN, which costs more than
 // the rest of the fused CBAM forward; these loops touch each pooled value k*k times and nothing else.
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
-
-#include <algorithm>
+// The loops are compiled for AVX2 (see cpu_utils.h); CPUs without it take ATen's convolution.
+#include "cpu/cpu_utils.h"
 
 namespace attnkern {
 namespace {
+
+using cpu::use_vec_kernels;
 
 void check_conv_args(const at::Tensor& pooled, const at::Tensor& weight) {
   TORCH_CHECK(pooled.dim() == 4, "spatial_conv: pooled must be 4-D (N, Cin, H, W), got ", pooled.dim(), "-D");
@@ -22,81 +21,90 @@ void check_conv_args(const at::Tensor& pooled, const at::Tensor& weight) {
   TORCH_CHECK(pooled.device() == weight.device(), "spatial_conv: pooled and weight must be on one device");
 }
 
-// out_row[w] += sum_j taps[j] * in_row[w + j - pad] over the w where the input index is in range.
-template <typename T>
-inline void correlate_row(T* out_row, const T* in_row, const T* taps, int64_t width, int64_t k, int64_t pad) {
-  for (int64_t j = 0; j < k; ++j) {
-    const int64_t shift = j - pad;
-    const int64_t lo = std::max<int64_t>(0, -shift);
-    const int64_t hi = std::min<int64_t>(width, width - shift);
-    const T tap = taps[j];
-#pragma omp simd
-    for (int64_t w = lo; w < hi; ++w) {
-      out_row[w] += tap * in_row[w + shift];
-    }
-  }
-}
+ATTNKERN_VEC_BEGIN
 
-// out[n, oc_rows] = sum_c sum_i taps(c, i) . in[n, c, h + sign*(i - pad)]: forward (sign +1, taps as is)
-// and input gradient (sign -1, taps flipped) share this loop.
+// Outputs per register block: four AVX2 float vectors, kept in registers across all k*k*Cin taps.
+constexpr int64_t kBlock = 32;
+
+// out[n, oc, h, w] = sum_{ic, i, j} taps[oc, ic, i, j] * padded[n, ic, h + i, w + j], where padded
+// holds the input with its zero border and kBlock columns of slack, so no load needs a bounds check.
 template <typename T>
-void correlate(const T* in, int64_t in_channels, const T* weight, T* out, int64_t out_channels, int64_t batch,
-               int64_t height, int64_t width, int64_t k, bool transpose) {
-  const int64_t pad = k / 2;
-  const int64_t plane = height * width;
-  at::parallel_for(0, batch * height, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, width * k * k)),
-                   [&](int64_t begin, int64_t end) {
-    std::vector<T> flipped(k);
+void correlate_padded(const T* padded, int64_t in_channels, const T* taps, T* out, int64_t out_channels,
+                      int64_t batch, int64_t height, int64_t width, int64_t k, int64_t padded_height,
+                      int64_t padded_width) {
+  using Vec = at::vec::Vectorized<T>;
+  constexpr int64_t kVecs = kBlock / Vec::size();
+  at::parallel_for(0, batch * height, 1, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t n = row / height, h = row % height;
       for (int64_t oc = 0; oc < out_channels; ++oc) {
-        T* out_row = out + (n * out_channels + oc) * plane + h * width;
-        std::fill(out_row, out_row + width, T(0));
-        for (int64_t ic = 0; ic < in_channels; ++ic) {
-          const int64_t c = transpose ? oc : ic;  // the weight's input channel
-          for (int64_t i = 0; i < k; ++i) {
-            const int64_t src_h = transpose ? h - i + pad : h + i - pad;
-            if (src_h < 0 || src_h >= height) continue;
-            const T* taps = weight + (c * k + i) * k;
-            if (transpose) {
-              for (int64_t j = 0; j < k; ++j) flipped[j] = taps[k - 1 - j];
-              taps = flipped.data();
+        T* out_row = out + ((n * out_channels + oc) * height + h) * width;
+        for (int64_t w0 = 0; w0 < width; w0 += kBlock) {
+          Vec acc[kVecs];
+          for (int64_t v = 0; v < kVecs; ++v) acc[v] = Vec(T(0));
+          for (int64_t ic = 0; ic < in_channels; ++ic) {
+            for (int64_t i = 0; i < k; ++i) {
+              const T* in_row = padded + ((n * in_channels + ic) * padded_height + h + i) * padded_width + w0;
+              const T* tap_row = taps + ((oc * in_channels + ic) * k + i) * k;
+              for (int64_t j = 0; j < k; ++j) {
+                const Vec tap(tap_row[j]);
+                for (int64_t v = 0; v < kVecs; ++v) {
+                  acc[v] = at::vec::fmadd(tap, Vec::loadu(in_row + j + v * Vec::size()), acc[v]);
+                }
+              }
             }
-            correlate_row(out_row, in + (n * in_channels + ic) * plane + src_h * width, taps, width, k, pad);
           }
+          T block[kBlock];
+          for (int64_t v = 0; v < kVecs; ++v) acc[v].store(block + v * Vec::size());
+          std::copy(block, block + std::min(kBlock, width - w0), out_row + w0);
         }
       }
     }
   });
 }
 
-// grad_weight[c, i, j] = sum_{n,h,w} g[n,h,w] * x[n,c,h+i-pad,w+j-pad]: one tap row (c, i) per task,
-// accumulated in a fixed order so the result does not depend on the thread count.
+// grad_weight[c, i, j] = sum_{n,h,w} g[n,h,w] * padded[n,c,h+i,w+j], with g read from its own
+// padded copy (the zero slack past each row makes whole vectors safe). One tap row (c, i) per task,
+// vectorised over w with one accumulator per j, in a fixed order: the result does not depend on
+// the thread count.
 template <typename T>
-void conv_weight_grad(const T* g, const T* x, T* gw, int64_t batch, int64_t cin, int64_t height, int64_t width,
-                      int64_t k) {
-  const int64_t pad = k / 2, plane = height * width;
+void conv_weight_grad(const T* padded_grad, const T* padded, T* gw, int64_t batch, int64_t cin, int64_t height,
+                      int64_t width, int64_t k, int64_t padded_height, int64_t padded_width) {
+  using Vec = at::vec::Vectorized<T>;
+  const int64_t pad = k / 2;
+  constexpr int64_t lanes = Vec::size();
   at::parallel_for(0, cin * k, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> acc(k * lanes);  // one vector of partial sums per j (kept as plain memory: k varies)
     for (int64_t ci = begin; ci < end; ++ci) {
       const int64_t c = ci / k, i = ci % k;
-      for (int64_t j = 0; j < k; ++j) {
-        const int64_t shift = j - pad;
-        const int64_t lo = std::max<int64_t>(0, -shift), hi = std::min<int64_t>(width, width - shift);
-        T acc = 0;
-        for (int64_t b = 0; b < batch; ++b) {
-          for (int64_t row = 0; row < height; ++row) {
-            const int64_t src_h = row + i - pad;
-            if (src_h < 0 || src_h >= height) continue;
-            const T* g_row = g + b * plane + row * width;
-            const T* x_row = x + (b * cin + c) * plane + src_h * width + shift;
-#pragma omp simd reduction(+ : acc)
-            for (int64_t col = lo; col < hi; ++col) acc += g_row[col] * x_row[col];
+      std::fill(acc.begin(), acc.end(), T(0));
+      for (int64_t n = 0; n < batch; ++n) {
+        for (int64_t h = 0; h < height; ++h) {
+          const T* g_row = padded_grad + (n * padded_height + h + pad) * padded_width + pad;
+          const T* p_row = padded + ((n * cin + c) * padded_height + h + i) * padded_width;
+          for (int64_t w0 = 0; w0 < width; w0 += lanes) {
+            const Vec g = Vec::loadu(g_row + w0);
+            for (int64_t j = 0; j < k; ++j) {
+              at::vec::fmadd(g, Vec::loadu(p_row + w0 + j), Vec::loadu(&acc[j * lanes])).store(&acc[j * lanes]);
+            }
           }
         }
-        gw[ci * k + j] = acc;
+      }
+      for (int64_t j = 0; j < k; ++j) {
+        gw[ci * k + j] = std::accumulate(&acc[j * lanes], &acc[j * lanes] + lanes, T(0));
       }
     }
   });
+}
+
+ATTNKERN_VEC_END
+
+// maps (N, C, H, W) with a zero border of k/2 and kBlock extra columns, for correlate_padded.
+at::Tensor zero_padded(const at::Tensor& maps, int64_t k) {
+  const int64_t pad = k / 2, h = maps.size(2), w = maps.size(3);
+  at::Tensor padded = at::zeros({maps.size(0), maps.size(1), h + 2 * pad, w + 2 * pad + kBlock}, maps.options());
+  padded.narrow(2, pad, h).narrow(3, pad, w).copy_(maps);
+  return padded;
 }
 
 at::Tensor spatial_conv_cpu(const at::Tensor& pooled_in, const at::Tensor& weight_in,
@@ -104,12 +112,18 @@ at::Tensor spatial_conv_cpu(const at::Tensor& pooled_in, const at::Tensor& weigh
   check_conv_args(pooled_in, weight_in);
   const at::Tensor pooled = pooled_in.contiguous();
   const at::Tensor weight = weight_in.contiguous();
+  const int64_t pad = weight.size(-1) / 2;
+  if (!use_vec_kernels()) {
+    return at::conv2d(pooled, weight, bias, {1, 1}, {pad, pad});
+  }
   const int64_t n = pooled.size(0), cin = pooled.size(1), h = pooled.size(2), w = pooled.size(3);
   at::Tensor out = at::empty({n, 1, h, w}, pooled.options());
   if (out.numel() == 0) return out;
+  const int64_t k = weight.size(-1);
+  const at::Tensor padded = zero_padded(pooled, k);
   AT_DISPATCH_FLOATING_TYPES(pooled.scalar_type(), "spatial_conv_cpu", [&] {
-    correlate<scalar_t>(pooled.const_data_ptr<scalar_t>(), cin, weight.const_data_ptr<scalar_t>(),
-                        out.mutable_data_ptr<scalar_t>(), 1, n, h, w, weight.size(-1), /*transpose=*/false);
+    correlate_padded<scalar_t>(padded.const_data_ptr<scalar_t>(), cin, weight.const_data_ptr<scalar_t>(),
+                               out.mutable_data_ptr<scalar_t>(), 1, n, h, w, k, padded.size(2), padded.size(3));
   });
   if (bias.has_value()) {
     TORCH_CHECK(bias->numel() == 1, "spatial_conv: bias must have one element, got ", bias->sizes());
@@ -129,15 +143,26 @@ std::tuple<at::Tensor, at::Tensor> spatial_conv_backward_cpu(const at::Tensor& g
   const at::Tensor pooled = pooled_in.contiguous();
   const at::Tensor weight = weight_in.contiguous();
   const int64_t k = weight.size(-1);
+  if (!use_vec_kernels()) {
+    auto grads = at::convolution_backward(grad, pooled, weight, c10::nullopt, {1, 1}, {k / 2, k / 2}, {1, 1}, false,
+                                          {0, 0}, 1, {true, true, false});
+    return {std::get<0>(grads), std::get<1>(grads)};
+  }
   at::Tensor grad_pooled = at::empty_like(pooled);
-  at::Tensor grad_weight = at::zeros_like(weight);
-  if (pooled.numel() == 0) return {grad_pooled, grad_weight};
+  at::Tensor grad_weight = at::empty_like(weight);
+  if (pooled.numel() == 0) return {grad_pooled, grad_weight.zero_()};
+  // The input gradient is the correlation of the padded grad with the spatially flipped taps,
+  // one output channel per input channel of the forward.
+  const at::Tensor flipped = weight.flip({2, 3}).reshape({cin, 1, k, k}).contiguous();
+  const at::Tensor padded_grad = zero_padded(grad, k);
+  const at::Tensor padded_pooled = zero_padded(pooled, k);
   AT_DISPATCH_FLOATING_TYPES(pooled.scalar_type(), "spatial_conv_backward_cpu", [&] {
-    const scalar_t* g = grad.const_data_ptr<scalar_t>();
-    const scalar_t* x = pooled.const_data_ptr<scalar_t>();
-    correlate<scalar_t>(g, 1, weight.const_data_ptr<scalar_t>(), grad_pooled.mutable_data_ptr<scalar_t>(), cin, n, h,
-                        w, k, /*transpose=*/true);
-    conv_weight_grad<scalar_t>(g, x, grad_weight.mutable_data_ptr<scalar_t>(), n, cin, h, w, k);
+    correlate_padded<scalar_t>(padded_grad.const_data_ptr<scalar_t>(), 1, flipped.const_data_ptr<scalar_t>(),
+                               grad_pooled.mutable_data_ptr<scalar_t>(), cin, n, h, w, k, padded_grad.size(2),
+                               padded_grad.size(3));
+    conv_weight_grad<scalar_t>(padded_grad.const_data_ptr<scalar_t>(), padded_pooled.const_data_ptr<scalar_t>(),
+                               grad_weight.mutable_data_ptr<scalar_t>(), n, cin, h, w, k, padded_pooled.size(2),
+                               padded_pooled.size(3));
   });
   return {grad_pooled, grad_weight};
 }
