@@ -14,7 +14,7 @@ import attnkern
 from attnkern import reference
 from attnkern.modules.bam import bam_op_inputs
 from conftest import TOLERANCES, backend_device_pairs, devices, interpreted_triton, kernel_dtypes
-from test_cbam import FORMATS, assert_matches, make_modules
+from test_cbam import FORMATS, assert_matches, check_compiled_matches_eager, make_modules
 from test_reference import AuthorsBAM, randomize
 
 PAIRS = backend_device_pairs()
@@ -266,24 +266,8 @@ def test_torch_compile_fullgraph(device):
     """One compile per device (each costs seconds), with the torch kernels: what is compiled here is
     attnkern::bam / attnkern::bam_backward with their fakes and autograd, the same for every
     backend (opcheck's aot_dispatch test covers each backend's kernels under tracing)."""
-    backend = "torch"
-    torch._dynamo.reset()
-    _, fused = make_modules("BAM", (16, 4), {}, backend, device)
-    fused.float()
-    eager = copy.deepcopy(fused)
-    compiled = torch.compile(fused, fullgraph=True)
-    x = torch.randn(2, 16, 6, 5, device=device)
-    grad = torch.randn_like(x)
-    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-    ya, yb = eager(xa), compiled(xb)
-    ya.backward(grad)
-    yb.backward(grad)
-    torch.testing.assert_close(yb, ya)
-    torch.testing.assert_close(xb.grad, xa.grad)
-    for (name, pa), pb in zip(eager.named_parameters(), fused.parameters()):
-        torch.testing.assert_close(pb.grad, pa.grad, msg=lambda m, name=name: f"{name}: {m}")
-    for (name, ba), bb in zip(eager.named_buffers(), fused.buffers()):
-        torch.testing.assert_close(bb, ba, msg=lambda m, name=name: f"{name}: {m}")
+    _, fused = make_modules("BAM", (16, 4), {}, "torch", device)
+    check_compiled_matches_eager(fused, (2, 16, 6, 5), device)
 
 
 @pytest.mark.parametrize("backend,device", [p for p in PAIRS if p.values[0] != "triton"])

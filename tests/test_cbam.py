@@ -239,14 +239,13 @@ def test_opcheck_compiled_kernels(backend, device):
             torch.library.opcheck(ops.bam_input_grad.default, (gg, xx, gate, smap, product, gate, gg))
 
 
-@pytest.mark.parametrize("backend,device", [p for p in PAIRS if not interpreted_triton(*p.values)])
-def test_torch_compile_fullgraph(backend, device):
+def check_compiled_matches_eager(fused, shape, device):
+    """torch.compile(fullgraph=True) of a fused module against eager: output, every gradient, buffers."""
     torch._dynamo.reset()
-    ref, fused = make_modules("CBAM", (16, 4), {}, backend, device)
     fused.float()
     eager = copy.deepcopy(fused)
     compiled = torch.compile(fused, fullgraph=True)
-    x = torch.randn(2, 16, 6, 5, device=device)
+    x = torch.randn(shape, device=device)
     grad = torch.randn_like(x)
     xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     ya, yb = eager(xa), compiled(xb)
@@ -258,6 +257,12 @@ def test_torch_compile_fullgraph(backend, device):
         torch.testing.assert_close(pb.grad, pa.grad, msg=lambda m, name=name: f"{name}: {m}")
     for (name, ba), bb in zip(eager.named_buffers(), fused.buffers()):
         torch.testing.assert_close(bb, ba, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("backend,device", [p for p in PAIRS if not interpreted_triton(*p.values)])
+def test_torch_compile_fullgraph(backend, device):
+    _, fused = make_modules("CBAM", (16, 4), {}, backend, device)
+    check_compiled_matches_eager(fused, (2, 16, 6, 5), device)
 
 
 @pytest.mark.parametrize("backend,device", [p for p in PAIRS if p.values[0] != "triton"])
