@@ -24,7 +24,7 @@ import triton.language as tl
 from attnkern.backends.torch_kernels import acc_dtype
 from attnkern.backends.triton_utils import (
     Outputs,
-    cdiv,
+    ReductionPlan,
     check_x,
     device_guard,
     elementwise,
@@ -33,27 +33,22 @@ from attnkern.backends.triton_utils import (
     launch_elementwise,
     layout,
     need_int64,
-    params,
     small,
-    split_plan,
-    strides,
-    tile_shape,
+    split_program,
 )
 
 __all__ = ["bam_combine", "bam_combine_backward", "bam_input_grad"]
 
 
-# Index math and the sigmoid are inlined rather than put in @triton.jit helpers: the interpreter
-# pays several milliseconds per helper call. Under INT64 all offsets are int64.
+# The loops' index math and the sigmoid are inlined rather than put in @triton.jit helpers: the
+# interpreter pays several milliseconds per helper call (the once-per-program prologues share
+# split_program / ew_tile). Under INT64 all offsets are int64.
 
 
 def _bam_combine_kernel(x_ptr, y_ptr, ca_ptr, sa_ptr, C, HW, sn, sc, shw,
                         PRODUCT: tl.constexpr, CL: tl.constexpr, INT64: tl.constexpr,
                         TILE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
-    n, c, hw, off = ew_tile(C, HW, sn, sc, shw, CL, INT64, BLOCK_C, BLOCK_HW)
-    c_mask = c < C
-    hw_mask = hw < HW
-    mask = c_mask[:, None] & hw_mask[None, :]
+    n, c, hw, c_mask, hw_mask, mask, off = ew_tile(C, HW, sn, sc, shw, CL, INT64, BLOCK_C, BLOCK_HW)
     acc_ty = ca_ptr.dtype.element_ty
     xv = tl.load(x_ptr + off, mask=mask, other=0.0).to(acc_ty)
     ca = tl.load(ca_ptr + n * C + c, mask=c_mask, other=0.0)
@@ -70,10 +65,7 @@ def _bam_input_grad_kernel(g_ptr, y_ptr, ca_ptr, sa_ptr, gavg_ptr, part_ptr, C, 
                            PRODUCT: tl.constexpr, HAS_AVG: tl.constexpr, HAS_PARTIAL: tl.constexpr,
                            CL: tl.constexpr, INT64: tl.constexpr,
                            TILE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
-    n, c, hw, off = ew_tile(C, HW, sn, sc, shw, CL, INT64, BLOCK_C, BLOCK_HW)
-    c_mask = c < C
-    hw_mask = hw < HW
-    mask = c_mask[:, None] & hw_mask[None, :]
+    n, c, hw, c_mask, hw_mask, mask, off = ew_tile(C, HW, sn, sc, shw, CL, INT64, BLOCK_C, BLOCK_HW)
     acc_ty = ca_ptr.dtype.element_ty
     g = tl.load(g_ptr + off, mask=mask, other=0.0).to(acc_ty)
     ca = tl.load(ca_ptr + n * C + c, mask=c_mask, other=0.0)
@@ -99,20 +91,12 @@ def _bam_backward_c_loop_kernel(g_ptr, x_ptr, ca_ptr, sa_ptr, dc_ptr, ds_ptr,
                                 BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
     """NCHW: program (n, hw-block, c-split) loops over C. Each tile's sum over HW (the contiguous,
     intra-warp axis) is one grad_channel partial per hw-block; grad_spatial accumulates per lane."""
-    pid = tl.program_id(0)
-    s = pid % n_split
-    t = pid // n_split
-    hb = t % n_hb
-    n = t // n_hb
+    n, hb, s, begin, end = split_program(C, per_split, n_hb, n_split, INT64)
     acc_ty = ds_ptr.dtype.element_ty
     hw = hb * BLOCK_HW + tl.arange(0, BLOCK_HW)
     hw_mask = hw < HW
-    begin = s * per_split
-    end = tl.minimum(begin + per_split, C)
     if INT64:
-        n = n.to(tl.int64)
-        s = s.to(tl.int64)
-        hb = hb.to(tl.int64)
+        hb = hb.to(tl.int64)  # also the split index of the grad_channel partials
     hw_o = hw.to(tl.int64) if INT64 else hw
     tile = n * sn + (hw_o[None, :] * shw if CL else hw_o[None, :])
     sa = tl.load(sa_ptr + n * HW + hw, mask=hw_mask, other=0.0)
@@ -150,20 +134,12 @@ def _bam_backward_hw_loop_kernel(g_ptr, x_ptr, ca_ptr, sa_ptr, dc_ptr, ds_ptr,
     """channels_last: program (n, c-block, hw-split) loops over HW. Each tile's sum over C (the
     contiguous, intra-warp axis) is one grad_spatial partial per c-block; grad_channel accumulates
     per lane."""
-    pid = tl.program_id(0)
-    s = pid % n_split
-    t = pid // n_split
-    cb = t % n_cb
-    n = t // n_cb
+    n, cb, s, begin, end = split_program(HW, per_split, n_cb, n_split, INT64)
     acc_ty = dc_ptr.dtype.element_ty
     c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
-    begin = s * per_split
-    end = tl.minimum(begin + per_split, HW)
     if INT64:
-        n = n.to(tl.int64)
-        s = s.to(tl.int64)
-        cb = cb.to(tl.int64)
+        cb = cb.to(tl.int64)  # also the split index of the grad_spatial partials
     c_o = c.to(tl.int64) if INT64 else c
     tile = n * sn + (c_o[:, None] if CL else c_o[:, None] * sc)
     ca = tl.load(ca_ptr + n * C + c, mask=c_mask, other=0.0)
@@ -212,16 +188,10 @@ def bam_combine(x, channel_att, spatial_att, product):
     check_x(x, op)
     x, cl = layout(x)
     ca, sa, product, _ = _maps(op, x, channel_att, spatial_att, product)
-    n, c, h, w = x.shape
     y = torch.empty_like(x)
     if y.numel() == 0:
         return y
-    sn, sc, shw = strides(x, cl)
-    launch_elementwise(
-        _bam_combine_kernels, x, n, c, h * w,
-        x, y, ca, sa, c, h * w, sn, sc, shw,
-        PRODUCT=product, CL=cl, INT64=need_int64(x),
-    )
+    launch_elementwise(_bam_combine_kernels, x, cl, x, y, ca, sa, PRODUCT=product, INT64=need_int64(x))
     return y
 
 
@@ -239,28 +209,21 @@ def bam_combine_backward(grad, x, channel_att, spatial_att, product):
         return (torch.zeros((n, c), dtype=acc, device=x.device), torch.zeros((n, h, w), dtype=acc, device=x.device))
     grad_channel = torch.empty((n, c), dtype=acc, device=x.device)
     grad_spatial = torch.empty((n, h, w), dtype=acc, device=x.device)
-    p = params()
-    bc, bh = tile_shape(c, hw, cl, x.element_size(), p.tile)
-    sn, sc, shw = strides(x, cl)
     # Loop over the non-contiguous axis; reduce each tile along the contiguous one (intra-warp).
+    plan = ReductionPlan(x, cl, over_hw=cl)
     if cl:
-        n_cb = cdiv(c, bc)
-        n_split, per = split_plan(hw, bh, bc, n * n_cb, x.device)
-        dc = Outputs(n_split, n, c, out_sum=grad_channel)  # one partial per hw-split
-        ds = Outputs(n_cb, n, hw, out_sum=grad_spatial)  # one partial per c-block
-        kernel, n_blocks = _bam_backward_hw_loop_kernel, n_cb
+        dc = Outputs(plan.n_split, n, c, out_sum=grad_channel)  # one partial per hw-split
+        ds = Outputs(plan.n_blocks, n, hw, out_sum=grad_spatial)  # one partial per c-block
+        kernel = _bam_backward_hw_loop_kernel
     else:
-        n_hb = cdiv(hw, bh)
-        n_split, per = split_plan(c, bc, bh, n * n_hb, x.device)
-        dc = Outputs(n_hb, n, c, out_sum=grad_channel)  # one partial per hw-block
-        ds = Outputs(n_split, n, hw, out_sum=grad_spatial)  # one partial per c-split
-        kernel, n_blocks = _bam_backward_c_loop_kernel, n_hb
+        dc = Outputs(plan.n_blocks, n, c, out_sum=grad_channel)  # one partial per hw-block
+        ds = Outputs(plan.n_split, n, hw, out_sum=grad_spatial)  # one partial per c-split
+        kernel = _bam_backward_c_loop_kernel
     int64 = need_int64(x, dc.sum, ds.sum)
     with device_guard(x):
-        kernel[(n * n_blocks * n_split,)](
-            grad, x, ca, sa, dc.sum, ds.sum, c, hw, sn, sc, shw, per, n_blocks, n_split,
-            dc.split_stride, dc.sn, ds.split_stride, ds.sn,
-            PRODUCT=product, CL=cl, INT64=int64, BLOCK_C=bc, BLOCK_HW=bh, num_warps=p.warps,
+        kernel[plan.grid](
+            grad, x, ca, sa, dc.sum, ds.sum, *plan.args, dc.split_stride, dc.sn, ds.split_stride, ds.sn,
+            PRODUCT=product, **plan.meta(int64),
         )
         dc.finish(1, int64)
         ds.finish(1, int64)
@@ -274,18 +237,15 @@ def bam_input_grad(grad, x, channel_att, spatial_att, product, grad_avg, grad_x_
     x, cl = layout(x)
     grad = full_like_x(grad, x, cl, op, "grad")
     ca, sa, product, acc = _maps(op, x, channel_att, spatial_att, product)
-    n, c, h, w = x.shape
+    n, c = x.shape[:2]
     gavg = None if grad_avg is None else small(grad_avg, (n, c), x, acc, op, "grad_avg")
     part = None if grad_x_partial is None else full_like_x(grad_x_partial, x, cl, op, "grad_x_partial")
     dx = torch.empty_like(x)
     if dx.numel() == 0:
         return dx
-    sn, sc, shw = strides(x, cl)
     launch_elementwise(
-        _bam_input_grad_kernels, x, n, c, h * w,
+        _bam_input_grad_kernels, x, cl,
         grad, dx, ca, sa, ca if gavg is None else gavg, grad if part is None else part,
-        c, h * w, sn, sc, shw,
-        PRODUCT=product, HAS_AVG=gavg is not None, HAS_PARTIAL=part is not None,
-        CL=cl, INT64=need_int64(x),
+        PRODUCT=product, HAS_AVG=gavg is not None, HAS_PARTIAL=part is not None, INT64=need_int64(x),
     )
     return dx

@@ -19,7 +19,7 @@ import triton.language as tl
 from attnkern.backends.torch_kernels import acc_dtype
 from attnkern.backends.triton_utils import (
     Outputs,
-    cdiv,
+    ReductionPlan,
     check_x,
     device_guard,
     elementwise,
@@ -30,11 +30,8 @@ from attnkern.backends.triton_utils import (
     launch_elementwise,
     layout,
     need_int64,
-    params,
     small,
-    split_plan,
-    strides,
-    tile_shape,
+    split_program,
 )
 
 __all__ = [
@@ -47,9 +44,10 @@ __all__ = [
 ]
 
 
-# Index math is inlined rather than put in @triton.jit helpers: the interpreter pays several
-# milliseconds per helper call, and these run once per loop iteration. Under INT64 the sample,
-# split and in-sample offsets are int64; loop indices kept as argmax stay int32 (H*W, C < 2**31).
+# The loops' index math is inlined rather than put in @triton.jit helpers: the interpreter pays
+# several milliseconds per helper call, and these run once per loop iteration (the once-per-program
+# prologues share split_program / ew_tile). Under INT64 the sample, split and in-sample offsets are
+# int64; loop indices kept as argmax stay int32 (H*W, C < 2**31).
 
 # ----------------------------------------------------------------------------------------------
 # Reductions over HW: program (n, c-block, split) loops over its HW range
@@ -58,20 +56,11 @@ __all__ = [
 def _channel_pool_kernel(x_ptr, sum_ptr, max_ptr, idx_ptr,
                          C, HW, sn, sc, shw, per_split, n_cb, n_split, o_ss, o_sn, oi_sn, DIV,
                          CL: tl.constexpr, INT64: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
-    pid = tl.program_id(0)
-    s = pid % n_split
-    t = pid // n_split
-    cb = t % n_cb
-    n = t // n_cb
+    n, cb, s, begin, end = split_program(HW, per_split, n_cb, n_split, INT64)
     acc_ty = sum_ptr.dtype.element_ty
     c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
-    begin = s * per_split
-    end = tl.minimum(begin + per_split, HW)
     lanes = begin + tl.arange(0, BLOCK_HW)
-    if INT64:
-        n = n.to(tl.int64)
-        s = s.to(tl.int64)
     c_o = c.to(tl.int64) if INT64 else c
     x_tile = x_ptr + n * sn + (c_o[:, None] if CL else c_o[:, None] * sc)
 
@@ -101,19 +90,10 @@ def _channel_gate_grad_kernel(g_ptr, x_ptr, ms_ptr, gp_ptr, sarg_ptr, out_ptr,
                               C, HW, sn, sc, shw, per_split, n_cb, n_split, o_ss, o_sn,
                               HAS_SPATIAL: tl.constexpr, CL: tl.constexpr, INT64: tl.constexpr,
                               BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
-    pid = tl.program_id(0)
-    s = pid % n_split
-    t = pid // n_split
-    cb = t % n_cb
-    n = t // n_cb
+    n, cb, s, begin, end = split_program(HW, per_split, n_cb, n_split, INT64)
     acc_ty = out_ptr.dtype.element_ty
     c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
-    begin = s * per_split
-    end = tl.minimum(begin + per_split, HW)
-    if INT64:
-        n = n.to(tl.int64)
-        s = s.to(tl.int64)
     c_o = c.to(tl.int64) if INT64 else c
     tile = n * sn + (c_o[:, None] if CL else c_o[:, None] * sc)
     ms_base = ms_ptr + n * HW  # (N, H, W) maps
@@ -148,20 +128,11 @@ def _channel_gate_grad_kernel(g_ptr, x_ptr, ms_ptr, gp_ptr, sarg_ptr, out_ptr,
 def _spatial_pool_kernel(x_ptr, gate_ptr, sum_ptr, max_ptr, idx_ptr,
                          C, HW, sn, sc, shw, per_split, n_hb, n_split, o_ss, o_sn, oi_sn, DIV,
                          CL: tl.constexpr, INT64: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
-    pid = tl.program_id(0)
-    s = pid % n_split
-    t = pid // n_split
-    hb = t % n_hb
-    n = t // n_hb
+    n, hb, s, begin, end = split_program(C, per_split, n_hb, n_split, INT64)
     acc_ty = sum_ptr.dtype.element_ty
     hw = hb * BLOCK_HW + tl.arange(0, BLOCK_HW)
     hw_mask = hw < HW
-    begin = s * per_split
-    end = tl.minimum(begin + per_split, C)
     lanes = begin + tl.arange(0, BLOCK_C)
-    if INT64:
-        n = n.to(tl.int64)
-        s = s.to(tl.int64)
     hw_o = hw.to(tl.int64) if INT64 else hw
     x_tile = x_ptr + n * sn + (hw_o[None, :] * shw if CL else hw_o[None, :])
     gate_base = gate_ptr + n * C
@@ -194,19 +165,10 @@ def _spatial_pool_kernel(x_ptr, gate_ptr, sum_ptr, max_ptr, idx_ptr,
 def _spatial_gate_grad_kernel(g_ptr, x_ptr, gate_ptr, out_ptr,
                               C, HW, sn, sc, shw, per_split, n_hb, n_split, o_ss, o_sn,
                               CL: tl.constexpr, INT64: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
-    pid = tl.program_id(0)
-    s = pid % n_split
-    t = pid // n_split
-    hb = t % n_hb
-    n = t // n_hb
+    n, hb, s, begin, end = split_program(C, per_split, n_hb, n_split, INT64)
     acc_ty = out_ptr.dtype.element_ty
     hw = hb * BLOCK_HW + tl.arange(0, BLOCK_HW)
     hw_mask = hw < HW
-    begin = s * per_split
-    end = tl.minimum(begin + per_split, C)
-    if INT64:
-        n = n.to(tl.int64)
-        s = s.to(tl.int64)
     hw_o = hw.to(tl.int64) if INT64 else hw
     tile = n * sn + (hw_o[None, :] * shw if CL else hw_o[None, :])
     gate_base = gate_ptr + n * C
@@ -232,10 +194,7 @@ def _spatial_gate_grad_kernel(g_ptr, x_ptr, gate_ptr, out_ptr,
 def _apply_gates_kernel(x_ptr, y_ptr, cg_ptr, ms_ptr, C, HW, sn, sc, shw,
                         HAS_SPATIAL: tl.constexpr, CL: tl.constexpr, INT64: tl.constexpr,
                         TILE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
-    n, c, hw, off = ew_tile(C, HW, sn, sc, shw, CL, INT64, BLOCK_C, BLOCK_HW)
-    c_mask = c < C
-    hw_mask = hw < HW
-    mask = c_mask[:, None] & hw_mask[None, :]
+    n, c, hw, c_mask, hw_mask, mask, off = ew_tile(C, HW, sn, sc, shw, CL, INT64, BLOCK_C, BLOCK_HW)
     acc_ty = cg_ptr.dtype.element_ty
     xv = tl.load(x_ptr + off, mask=mask, other=0.0).to(acc_ty)
     scale = tl.load(cg_ptr + n * C + c, mask=c_mask, other=0.0)[:, None]
@@ -253,10 +212,7 @@ def _cbam_input_grad_kernel(g_ptr, y_ptr, cg_ptr, ms_ptr, gp_ptr, sarg_ptr, gavg
                             HAS_SPATIAL: tl.constexpr, HAS_AVG: tl.constexpr, HAS_MAX: tl.constexpr,
                             CL: tl.constexpr, INT64: tl.constexpr,
                             TILE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
-    n, c, hw, off = ew_tile(C, HW, sn, sc, shw, CL, INT64, BLOCK_C, BLOCK_HW)
-    c_mask = c < C
-    hw_mask = hw < HW
-    mask = c_mask[:, None] & hw_mask[None, :]
+    n, c, hw, c_mask, hw_mask, mask, off = ew_tile(C, HW, sn, sc, shw, CL, INT64, BLOCK_C, BLOCK_HW)
     acc_ty = cg_ptr.dtype.element_ty
     g = tl.load(g_ptr + off, mask=mask, other=0.0).to(acc_ty)
     if HAS_SPATIAL:
@@ -289,11 +245,6 @@ def _dims(x):
     return n, c, h, w, h * w
 
 
-def _reduction_tiles(x, cl, c, hw):
-    p = params()
-    return tile_shape(c, hw, cl, x.element_size(), p.tile), p.warps
-
-
 def channel_pool(x):
     """avg, max, argmax over H*W per (n, c): (N, C) acc, acc, int64."""
     op = "channel_pool"
@@ -308,17 +259,13 @@ def channel_pool(x):
         return avg, mx, arg
     if hw == 0:
         raise ValueError(f"{op}: cannot pool over an empty H*W (x has shape {tuple(x.shape)})")
-    (bc, bh), warps = _reduction_tiles(x, cl, c, hw)
-    n_cb = cdiv(c, bc)
-    n_split, per = split_plan(hw, bh, bc, n * n_cb, x.device)
-    out = Outputs(n_split, n, c, avg, mx, arg)
+    plan = ReductionPlan(x, cl, over_hw=True)
+    out = Outputs(plan.n_split, n, c, avg, mx, arg)
     int64 = need_int64(x, out.sum, out.idx)
-    sn, sc, shw = strides(x, cl)
     with device_guard(x):
-        _channel_pool_kernel[(n * n_cb * n_split,)](
-            x, out.sum, out.max, out.idx, c, hw, sn, sc, shw, per, n_cb, n_split,
-            out.split_stride, out.sn, out.isn, out.div_in_kernel(hw),
-            CL=cl, INT64=int64, BLOCK_C=bc, BLOCK_HW=bh, num_warps=warps,
+        _channel_pool_kernel[plan.grid](
+            x, out.sum, out.max, out.idx, *plan.args, out.split_stride, out.sn, out.isn, out.div_in_kernel(hw),
+            **plan.meta(int64),
         )
         out.finish(hw, int64)
     return avg, mx, arg
@@ -338,17 +285,13 @@ def spatial_pool(x, channel_gate):
         return pooled, arg
     if c == 0:
         raise ValueError(f"{op}: cannot pool over an empty C (x has shape {tuple(x.shape)})")
-    (bc, bh), warps = _reduction_tiles(x, cl, c, hw)
-    n_hb = cdiv(hw, bh)
-    n_split, per = split_plan(c, bc, bh, n * n_hb, x.device)
-    out = Outputs(n_split, n, hw, pooled[:, 0], pooled[:, 1], arg, n_stride=2 * hw, idx_n_stride=hw)
+    plan = ReductionPlan(x, cl, over_hw=False)
+    out = Outputs(plan.n_split, n, hw, pooled[:, 0], pooled[:, 1], arg, n_stride=2 * hw, idx_n_stride=hw)
     int64 = need_int64(x, pooled, out.sum, out.idx)
-    sn, sc, shw = strides(x, cl)
     with device_guard(x):
-        _spatial_pool_kernel[(n * n_hb * n_split,)](
-            x, gate, out.sum, out.max, out.idx, c, hw, sn, sc, shw, per, n_hb, n_split,
-            out.split_stride, out.sn, out.isn, out.div_in_kernel(c),
-            CL=cl, INT64=int64, BLOCK_C=bc, BLOCK_HW=bh, num_warps=warps,
+        _spatial_pool_kernel[plan.grid](
+            x, gate, out.sum, out.max, out.idx, *plan.args, out.split_stride, out.sn, out.isn, out.div_in_kernel(c),
+            **plan.meta(int64),
         )
         out.finish(c, int64)
     return pooled, arg
@@ -366,11 +309,10 @@ def apply_gates(x, channel_gate, spatial_gate):
     y = torch.empty_like(x)
     if y.numel() == 0:
         return y
-    sn, sc, shw = strides(x, cl)
     launch_elementwise(
-        _apply_gates_kernels, x, n, c, hw,
-        x, y, cg, cg if ms is None else ms, c, hw, sn, sc, shw,
-        HAS_SPATIAL=ms is not None, CL=cl, INT64=need_int64(x),
+        _apply_gates_kernels, x, cl,
+        x, y, cg, cg if ms is None else ms,
+        HAS_SPATIAL=ms is not None, INT64=need_int64(x),
     )
     return y
 
@@ -387,16 +329,12 @@ def spatial_gate_grad(grad, x, channel_gate):
     if n * hw == 0 or c == 0:
         return torch.zeros((n, h, w), dtype=acc, device=x.device)
     result = torch.empty((n, h, w), dtype=acc, device=x.device)
-    (bc, bh), warps = _reduction_tiles(x, cl, c, hw)
-    n_hb = cdiv(hw, bh)
-    n_split, per = split_plan(c, bc, bh, n * n_hb, x.device)
-    out = Outputs(n_split, n, hw, out_sum=result)
+    plan = ReductionPlan(x, cl, over_hw=False)
+    out = Outputs(plan.n_split, n, hw, out_sum=result)
     int64 = need_int64(x, out.sum)
-    sn, sc, shw = strides(x, cl)
     with device_guard(x):
-        _spatial_gate_grad_kernel[(n * n_hb * n_split,)](
-            grad, x, gate, out.sum, c, hw, sn, sc, shw, per, n_hb, n_split, out.split_stride, out.sn,
-            CL=cl, INT64=int64, BLOCK_C=bc, BLOCK_HW=bh, num_warps=warps,
+        _spatial_gate_grad_kernel[plan.grid](
+            grad, x, gate, out.sum, *plan.args, out.split_stride, out.sn, **plan.meta(int64),
         )
         out.finish(1, int64)
     return result
@@ -425,19 +363,15 @@ def channel_gate_grad(grad, x, spatial_gate, grad_pooled, spatial_argmax):
     if n * c == 0 or hw == 0:
         return torch.zeros((n, c), dtype=acc, device=x.device)
     result = torch.empty((n, c), dtype=acc, device=x.device)
-    (bc, bh), warps = _reduction_tiles(x, cl, c, hw)
-    n_cb = cdiv(c, bc)
-    n_split, per = split_plan(hw, bh, bc, n * n_cb, x.device)
-    out = Outputs(n_split, n, c, out_sum=result)
+    plan = ReductionPlan(x, cl, over_hw=True)
+    out = Outputs(plan.n_split, n, c, out_sum=result)
     int64 = need_int64(x, gp, out.sum)
-    sn, sc, shw = strides(x, cl)
     has_spatial = ms is not None
     with device_guard(x):
-        _channel_gate_grad_kernel[(n * n_cb * n_split,)](
+        _channel_gate_grad_kernel[plan.grid](
             grad, x, ms if has_spatial else result, gp if has_spatial else result,
-            sarg if has_spatial else result, out.sum,
-            c, hw, sn, sc, shw, per, n_cb, n_split, out.split_stride, out.sn,
-            HAS_SPATIAL=has_spatial, CL=cl, INT64=int64, BLOCK_C=bc, BLOCK_HW=bh, num_warps=warps,
+            sarg if has_spatial else result, out.sum, *plan.args, out.split_stride, out.sn,
+            HAS_SPATIAL=has_spatial, **plan.meta(int64),
         )
         out.finish(1, int64)
     return result
@@ -464,14 +398,12 @@ def cbam_input_grad(grad, x, channel_gate, spatial_gate, grad_pooled, spatial_ar
     dx = torch.empty_like(x)
     if dx.numel() == 0:
         return dx
-    sn, sc, shw = strides(x, cl)
     launch_elementwise(
-        _cbam_input_grad_kernels, x, n, c, hw,
+        _cbam_input_grad_kernels, x, cl,
         grad, dx, cg,
         cg if ms is None else ms, cg if gp is None else gp, cg if sarg is None else sarg,
         cg if gavg is None else gavg, cg if gmax is None else gmax, cg if carg is None else carg,
-        c, hw, sn, sc, shw,
         HAS_SPATIAL=ms is not None, HAS_AVG=gavg is not None, HAS_MAX=gmax is not None,
-        CL=cl, INT64=need_int64(x, gp),
+        INT64=need_int64(x, gp),
     )
     return dx

@@ -2,8 +2,9 @@
 
 Host side: input validation, memory-format handling, tile shapes, the split plan of long
 reductions, the deterministic second pass that combines split partials, and the autotuned launch
-of the element-wise kernels. Device side: the element-wise tile decomposition (`ew_tile`) and the
-cross-lane first-max reduction (`first_max_reduce`).
+of the element-wise kernels. Device side: the program decompositions of the element-wise kernels
+(`ew_tile`) and of the split reductions (`split_program`), and the cross-lane first-max reduction
+(`first_max_reduce`).
 
 Conventions (see csrc/ops.cpp for the kernel semantics):
 - A full-size tensor is (N, C, H, W), dense in NCHW or in channels_last (NHWC). H and W are
@@ -224,6 +225,30 @@ def split_plan(red_len, red_block, other_block, base_programs, device):
     return cdiv(red_len, per), per
 
 
+class ReductionPlan:
+    """Launch plan of a reduction of x over HW (over_hw: programs (n, c-block, split)) or over C
+    (programs (n, hw-block, split)). Every reduction kernel takes `args` (C, HW, sn, sc, shw,
+    per_split, n_blocks, n_split) after its pointers and `meta(int64)` as its constexprs."""
+
+    def __init__(self, x, cl, over_hw):
+        n, c, h, w = x.shape
+        hw = h * w
+        p = params()
+        self.block_c, self.block_hw = tile_shape(c, hw, cl, x.element_size(), p.tile)
+        if over_hw:
+            self.n_blocks = cdiv(c, self.block_c)
+            self.n_split, self.per_split = split_plan(hw, self.block_hw, self.block_c, n * self.n_blocks, x.device)
+        else:
+            self.n_blocks = cdiv(hw, self.block_hw)
+            self.n_split, self.per_split = split_plan(c, self.block_c, self.block_hw, n * self.n_blocks, x.device)
+        self.grid = (n * self.n_blocks * self.n_split,)
+        self.args = (c, hw, *strides(x, cl), self.per_split, self.n_blocks, self.n_split)
+        self.cl, self.warps = cl, p.warps
+
+    def meta(self, int64):
+        return dict(CL=self.cl, INT64=int64, BLOCK_C=self.block_c, BLOCK_HW=self.block_hw, num_warps=self.warps)
+
+
 class Outputs:
     """Where a split reduction writes: straight into the final outputs (one split), or into
     (n_split, N*P) partial buffers that finish() combines in split order. out_sum / out_max /
@@ -305,17 +330,22 @@ def elementwise(fn):
     return plain, triton.autotune(configs=ew_configs(), key=EW_KEY)(plain)
 
 
-def launch_elementwise(kernels, x, n, c, hw, *args, **kwargs):
+def launch_elementwise(kernels, x, cl, *pointers, **flags):
+    """Launch an element-wise kernel over x's tiles. Every element-wise kernel takes its pointers,
+    then (C, HW, sn, sc, shw), then its flags and CL."""
     plain, tuned = kernels
+    n, c, h, w = x.shape
+    hw = h * w
+    args = (*pointers, c, hw, *strides(x, cl))
 
     def grid(meta):
         return (n * cdiv(c, meta["BLOCK_C"]) * cdiv(hw, meta["BLOCK_HW"]),)
 
     with device_guard(x):
         if capturing(x):  # no benchmarking inside a CUDA graph capture
-            plain[grid](*args, **kwargs, **ew_default())
+            plain[grid](*args, CL=cl, **flags, **ew_default())
         else:
-            tuned[grid](*args, **kwargs)
+            tuned[grid](*args, CL=cl, **flags)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -325,8 +355,9 @@ def launch_elementwise(kernels, x, n, c, hw, *args, **kwargs):
 
 @triton.jit
 def ew_tile(C, HW, sn, sc, shw, CL: tl.constexpr, INT64: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
-    """(n, c, hw, off) of an element-wise program's [BLOCK_C, BLOCK_HW] tile: consecutive programs
-    walk the contiguous axis first. n is int64 under INT64, off the tile's element offsets."""
+    """(n, c, hw, c_mask, hw_mask, mask, off) of an element-wise program's [BLOCK_C, BLOCK_HW]
+    tile: consecutive programs walk the contiguous axis first. n is int64 under INT64, mask the
+    tile's in-bounds elements, off their element offsets."""
     pid = tl.program_id(0)
     n_cb = (C + BLOCK_C - 1) // BLOCK_C
     n_hb = (HW + BLOCK_HW - 1) // BLOCK_HW
@@ -352,7 +383,27 @@ def ew_tile(C, HW, sn, sc, shw, CL: tl.constexpr, INT64: tl.constexpr, BLOCK_C: 
         off = n * sn + c_o[:, None] + hw_o[None, :] * shw
     else:
         off = n * sn + c_o[:, None] * sc + hw_o[None, :]
-    return n, c, hw, off
+    c_mask = c < C
+    hw_mask = hw < HW
+    return n, c, hw, c_mask, hw_mask, c_mask[:, None] & hw_mask[None, :], off
+
+
+@triton.jit
+def split_program(red_len, per_split, n_blocks, n_split, INT64: tl.constexpr):
+    """(n, block, s, begin, end) of a split-reduction program (n, parallel block, split), [begin,
+    end) the part of the reduced axis its split covers. n and s are int64 under INT64 (they scale
+    sample and split strides); block and the range stay int32 (they index tiles and argmax lanes)."""
+    pid = tl.program_id(0)
+    s = pid % n_split
+    t = pid // n_split
+    block = t % n_blocks
+    n = t // n_blocks
+    begin = s * per_split
+    end = tl.minimum(begin + per_split, red_len)
+    if INT64:
+        n = n.to(tl.int64)
+        s = s.to(tl.int64)
+    return n, block, s, begin, end
 
 
 @triton.jit
