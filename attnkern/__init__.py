@@ -3,11 +3,15 @@
     attnkern.CBAM, SE, ChannelGate, SpatialGate   fused modules (backend="auto"|"cpu"|"cuda"|"triton"|"torch")
     attnkern.reference                            the plain-PyTorch modules they are tested against
     attnkern.available_backends(device)           what can run here, fastest first
+    attnkern.models.resnet50(attention=...)       ResNets with CBAM / BAM / SE (the authors' layout)
+    attnkern.convert_model(model)                 swap CBAM / BAM / SE modules for the fused ones
 """
 from attnkern import ops, reference  # noqa: F401  (ops registers attnkern::* with torch.library)
 from attnkern._extension import LOAD_ERROR as extension_load_error
 from attnkern.backends import BACKENDS, available_backends
 from attnkern.modules import BAM, CBAM, SE, ChannelGate, SpatialGate
+from attnkern import models  # noqa: E402  (ResNet-18/34/50/101 with CBAM / BAM / SE, the authors' layout)
+from attnkern.convert import convert_model  # noqa: E402
 
 __all__ = [
     "BACKENDS",
@@ -17,7 +21,9 @@ __all__ = [
     "ChannelGate",
     "SpatialGate",
     "available_backends",
+    "convert_model",
     "extension_load_error",
+    "models",
     "reference",
 ]
 __version__ = "0.1.0"

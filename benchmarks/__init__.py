@@ -1,0 +1,1 @@
+"""attnkern benchmark suite: `python -m benchmarks.bench --help` (see benchmarks/NOTES.md)."""
