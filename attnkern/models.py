@@ -28,6 +28,7 @@ import os
 import torch
 from torch import nn
 
+from attnkern import modules as fused_modules
 from attnkern import reference
 
 __all__ = [
@@ -43,7 +44,6 @@ __all__ = [
     "init_like_authors",
     "load_authors_checkpoint",
     "strip_module_prefix",
-    "fused_bam_available",
 ]
 
 ATTENTIONS = (None, "cbam", "bam", "se")
@@ -56,13 +56,6 @@ DEPTHS = {
 }
 
 
-def fused_bam_available():
-    """Whether attnkern.BAM (the fused BAM module) exists in this build."""
-    import attnkern
-
-    return getattr(attnkern, "BAM", None) is not None
-
-
 def attention_factory(kind, fused, backend="auto"):
     """A function channels -> attention module (or None for kind None)."""
     if kind is None:
@@ -72,14 +65,7 @@ def attention_factory(kind, fused, backend="auto"):
     if not fused:
         classes = {"cbam": reference.CBAM, "se": reference.SE, "bam": reference.BAM}
         return lambda channels: classes[kind](channels, REDUCTION)
-    import attnkern
-
-    if kind == "bam" and not fused_bam_available():
-        raise RuntimeError(
-            "fused BAM (attnkern.BAM) is not available in this build; "
-            "use fused=False for the reference BAM"
-        )
-    classes = {"cbam": attnkern.CBAM, "se": attnkern.SE, "bam": getattr(attnkern, "BAM", None)}
+    classes = {"cbam": fused_modules.CBAM, "se": fused_modules.SE, "bam": fused_modules.BAM}
     return lambda channels: classes[kind](channels, REDUCTION, backend=backend)
 
 

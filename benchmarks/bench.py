@@ -49,8 +49,7 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default=None,
                    help="comma-separated dtypes from fp32, bf16, fp16, fp64 (default: fp32 on CPU; fp32,bf16 on CUDA)")
     p.add_argument("--modules", default="cbam,bam,se",
-                   help="comma-separated modules from cbam, bam, se (default: all three; BAM's fused rows need "
-                        "attnkern.BAM, and without it only its baselines run)")
+                   help="comma-separated modules from cbam, bam, se (default: all three)")
     p.add_argument("--backends", default=None,
                    help="comma-separated fused backends (cpu, cuda, triton, torch) to time (default: every backend "
                         "attnkern.available_backends(device) lists, except interpreted Triton on the CPU, which "
@@ -214,7 +213,6 @@ def metadata(cfg, argv, threads):
         load_average=list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         available_backends=cfg["available_backends"],
         timed_backends=cfg["backends"],
-        fused_bam_available=C.fused_class("bam") is not None,
         llc_bytes=last_level_cache_bytes() if cfg["device"].type == "cpu" else None,
     )
 
@@ -372,8 +370,6 @@ def main(argv=None):
     if meta["load_average"] and cfg["device"].type == "cpu" and meta["load_average"][0] > 0.5 * cpu_count():
         log(f"WARNING: load average {meta['load_average'][0]:.1f} on {cpu_count()} cores: other processes are "
             "running and CPU timings will be noisy")
-    if not meta["fused_bam_available"] and "bam" in cfg["modules"]:
-        log("note: attnkern.BAM (fused BAM) is not available in this build: BAM rows show only eager / compile / clone")
     if cfg["device"].type == "cpu" and "cpu" not in cfg["available_backends"]:
         log("note: the C++ CPU kernels are not loaded (attnkern.available_backends('cpu') has no 'cpu'): "
             "fused rows use the plain-PyTorch 'torch' backend")
@@ -383,7 +379,7 @@ def main(argv=None):
         cases = [(m, d, f, s, mode) for m in cfg["modules"] for d in cfg["dtypes"] for f in cfg["formats"]
                  for s in cfg["shapes"] for mode in cfg["modes"]]
         baselines = 2 + int(cfg["compile"])
-        total = sum(baselines + (len(cfg["backends"]) if C.fused_class(m) is not None else 0) for m, *_ in cases)
+        total = len(cases) * (baselines + len(cfg["backends"]))
         done = [0]
 
         def progress(row):

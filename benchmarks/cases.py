@@ -76,8 +76,8 @@ def make_reference(module, channels):
 
 
 def fused_class(module):
-    """attnkern's fused class for a module name, or None (fused BAM may not be in this build)."""
-    return getattr(attnkern, {"cbam": "CBAM", "se": "SE", "bam": "BAM"}[module], None)
+    """attnkern's fused class for a module name."""
+    return {"cbam": attnkern.CBAM, "se": attnkern.SE, "bam": attnkern.BAM}[module]
 
 
 def randomize_(m):
@@ -106,11 +106,10 @@ def build_impls(module, channels, backends, device, dtype, compile_enabled, comp
     ref = randomize_(make_reference(module, channels)).to(device=device, dtype=dtype)
     impls = []
     cls = fused_class(module)
-    if cls is not None:
-        for backend in backends:
-            fused = cls(channels, REDUCTION, backend=backend).to(device=device, dtype=dtype)
-            fused.load_state_dict(ref.state_dict())
-            impls.append(Impl(f"fused:{backend}", backend, fused, list(fused.parameters())))
+    for backend in backends:
+        fused = cls(channels, REDUCTION, backend=backend).to(device=device, dtype=dtype)
+        fused.load_state_dict(ref.state_dict())
+        impls.append(Impl(f"fused:{backend}", backend, fused, list(fused.parameters())))
     impls.append(Impl("eager", "-", ref, list(ref.parameters())))
     if compile_enabled:
         base = copy.deepcopy(ref)

@@ -37,9 +37,6 @@ def _variants(attentions, backends, log, depth):
             return copy.deepcopy(refs["m"])
 
         out.append((attention, "eager", reference))
-        if attention == "bam" and not models.fused_bam_available():
-            log("e2e: fused BAM (attnkern.BAM) is not available in this build: only the reference BAM model runs")
-            continue
         for backend in backends:
             out.append((attention, f"fused:{backend}", lambda r=reference, b=backend: convert_model(r(), backend=b)))
     return out

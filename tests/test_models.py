@@ -15,8 +15,6 @@ import attnkern
 from attnkern import models, reference
 from attnkern.convert import convert_model
 
-FUSED_BAM = models.fused_bam_available()
-needs_fused_bam = pytest.mark.skipif(not FUSED_BAM, reason="attnkern.BAM (fused BAM) is not in this build yet")
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 TOL = dict(rtol=1e-7, atol=1e-9)  # float64 throughout
 
@@ -228,7 +226,7 @@ class SqueezeExcitation(nn.Module):  # torchvision.ops.SqueezeExcitation
         return x * self.scale_activation(self.fc2(self.activation(self.fc1(self.avgpool(x)))))
 
 
-FUSED_TYPES = tuple(t for t in (attnkern.CBAM, attnkern.SE, getattr(attnkern, "BAM", None)) if t is not None)
+FUSED_TYPES = (attnkern.CBAM, attnkern.SE, attnkern.BAM)
 UNFUSED_TYPES = (reference.CBAM, reference.SE, reference.BAM, CBAM, BAM, CbamModule, SEModule, SqueezeExcitation)
 
 
@@ -244,18 +242,16 @@ def test_parameter_counts():
     assert n_params(models.resnet50("cbam", fused=False)) == 28_089_624
     assert n_params(models.resnet50("bam", fused=False)) == 25_915_099
     assert n_params(models.resnet50("cbam", fused=True)) == 28_089_624
-    if FUSED_BAM:
-        assert n_params(models.resnet50("bam", fused=True)) == 25_915_099
+    assert n_params(models.resnet50("bam", fused=True)) == 25_915_099
 
 
 @pytest.mark.parametrize("depth,attention", [(18, None), (18, "cbam"), (18, "se"), (18, "bam"), (34, "cbam")])
 def test_output_shapes(depth, attention):
-    fused = attention != "bam" or FUSED_BAM
-    model = models.build_resnet(depth, attention, fused=fused, num_classes=7).eval()
+    model = models.build_resnet(depth, attention, fused=True, num_classes=7).eval()
     with torch.no_grad():
         assert model(torch.randn(2, 3, 32, 32)).shape == (2, 7)
         # the authors' CIFAR stem, and a non-square input (adaptive pooling)
-    cifar = models.build_resnet(depth, attention, fused=fused, num_classes=5, stem="cifar").eval()
+    cifar = models.build_resnet(depth, attention, fused=True, num_classes=5, stem="cifar").eval()
     with torch.no_grad():
         assert cifar(torch.randn(2, 3, 16, 24)).shape == (2, 5)
 
@@ -316,11 +312,10 @@ def authors_style(model):
 @pytest.mark.parametrize("attention", ["cbam", "bam"])
 @pytest.mark.parametrize("prefix", ["", "module."])
 def test_load_authors_checkpoint(attention, prefix, tmp_path):
-    fused = attention == "cbam" or FUSED_BAM
     theirs = authors_style(models.resnet18(attention, fused=False, num_classes=10)).double().eval()
     state = {prefix + k: v for k, v in theirs.state_dict().items() if not k.endswith("num_batches_tracked")}
     assert any(".ChannelGate.mlp.1." in k or ".channel_att.gate_c." in k for k in state)
-    ours = models.resnet18(attention, fused=fused, num_classes=10).double().eval()
+    ours = models.resnet18(attention, fused=True, num_classes=10).double().eval()
     result = models.load_authors_checkpoint(ours, state)
     assert not result.missing_keys and not result.unexpected_keys
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
@@ -329,7 +324,7 @@ def test_load_authors_checkpoint(attention, prefix, tmp_path):
     # A training checkpoint saved to disk, as their train_imagenet.py writes it.
     path = tmp_path / "checkpoint.pth.tar"
     torch.save({"epoch": 90, "arch": "resnet", "state_dict": state, "best_prec1": 77.3}, path)
-    again = models.resnet18(attention, fused=fused, num_classes=10).double().eval()
+    again = models.resnet18(attention, fused=True, num_classes=10).double().eval()
     models.load_authors_checkpoint(again, str(path))
     with torch.no_grad():
         torch.testing.assert_close(again(x), theirs(x), **TOL)
@@ -353,10 +348,6 @@ def test_convert_resnet(attention, device):
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64, device=device)
     with torch.no_grad():
         before = model(x)
-    if attention == "bam" and not FUSED_BAM:
-        with pytest.warns(UserWarning, match="not available"):
-            assert convert_model(model) is model
-        return
     converted = convert_model(model, backend="auto")
     assert converted is model
     assert not unfused_left(model)
@@ -412,7 +403,6 @@ def test_convert_third_party_modules():
         torch.testing.assert_close(model(x), before, **TOL)
 
 
-@needs_fused_bam
 def test_convert_authors_bam():
     model = randomize(nn.Sequential(BAM(64), nn.ReLU())).double().eval()
     x = torch.randn(2, 64, 10, 10, dtype=torch.float64)
