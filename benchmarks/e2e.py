@@ -24,7 +24,7 @@ __all__ = ["run_e2e", "E2E_MODES"]
 E2E_MODES = ("inference", "train_step")
 
 
-def _variants(attentions, backends, log, depth):
+def _variants(attentions, backends, depth):
     """(attention, impl label, factory) triples; a factory builds the model on the CPU in fp32."""
     out = [(None, "plain", lambda: models.build_resnet(depth, None, fused=False))]
     for attention in attentions:
@@ -88,7 +88,7 @@ def run_e2e(device, dtype, dtype_name, fmt_name, batch, size, attentions, backen
     images = torch.randn(batch, 3, size, size, generator=gen).to(device=device, dtype=dtype, memory_format=fmt)
     targets = torch.randint(0, 1000, (batch,), generator=gen).to(device)
     entries = []
-    for attention, impl, factory in _variants(attentions, backends, log, depth):
+    for attention, impl, factory in _variants(attentions, backends, depth):
         try:
             model = factory().to(device=device, dtype=dtype, memory_format=fmt)
         except Exception as exc:  # noqa: BLE001 - report and go on
