@@ -283,10 +283,6 @@ namespace {
 using at::Tensor;
 using std::optional;
 
-Tensor acc(const Tensor& t) {
-  return t.to(acc_type_of(t.scalar_type()));
-}
-
 Tensor attention_ref(const Tensor& ca, const Tensor& sa, bool product) {
   auto c = ca.unsqueeze(-1).unsqueeze(-1), s = sa.unsqueeze(1);
   return at::sigmoid(product ? c * s : c + s);

@@ -561,10 +561,6 @@ namespace {
 using at::Tensor;
 using std::optional;
 
-Tensor acc(const Tensor& t) {
-  return t.to(acc_type_of(t.scalar_type()));
-}
-
 // A full-size fallback result in x's dtype and memory format.
 Tensor like_x(const Tensor& result, const Tensor& x) {
   return at::empty_like(x).copy_(result);

@@ -110,6 +110,11 @@ inline at::ScalarType acc_type_of(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// t converted to its accumulation dtype (the fallbacks compute in it).
+inline at::Tensor acc(const at::Tensor& t) {
+  return t.to(acc_type_of(t.scalar_type()));
+}
+
 // The full-size input (x, grad): 4-D, floating, on the CPU.
 inline void check_full(const char* op, const char* name, const at::Tensor& t) {
   TORCH_CHECK(t.dim() == 4, op, ": ", name, " must be a 4-D (N, C, H, W) tensor, got a ", t.dim(),

@@ -1,0 +1,23 @@
+"""The C++ CPU ops' portable path (CPUs without AVX2/FMA run ATen composites instead of the AVX2
+kernels): the kernel contract tests again, in a subprocess with ATTNKERN_CPU_FALLBACK=1."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from attnkern import available_backends
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.mark.skipif("cpu" not in available_backends("cpu"), reason="attnkern._C has no CPU kernels in this build")
+def test_kernel_contract_on_the_fallback_path():
+    env = dict(os.environ, ATTNKERN_CPU_FALLBACK="1")
+    tests = [os.path.join(HERE, name) for name in ("test_kernels.py", "test_bam_kernels.py")]
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "cpu-cpu", *tests],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout and " failed" not in result.stdout
