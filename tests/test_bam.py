@@ -8,7 +8,6 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import attnkern
 from attnkern import reference

@@ -300,7 +300,7 @@ def authors_style(model):
     """`model` (a reference-module ResNet) with each attention module replaced by the authors'
     stand-in: its state dict then has the authors' key layout."""
     out = copy.deepcopy(model)
-    for name, module in list(out.named_modules()):
+    for module in list(out.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, reference.CBAM):
                 setattr(module, child_name, CBAM(child.channels))

@@ -21,6 +21,7 @@ from attnkern.backends.torch_kernels import acc_dtype
 from attnkern.ops import gate_math
 from attnkern.ops.common import dense, like_x, without_autocast
 
+
 @torch.library.custom_op("attnkern::cbam", mutates_args=())
 @without_autocast
 def cbam(
