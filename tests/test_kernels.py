@@ -25,10 +25,19 @@ def shapes_for(backend, device):
     return SMALL_SHAPES if interpreted_triton(backend, device) else SHAPES
 
 
+def poison_allocator(device):
+    """Frees NaN-filled blocks for the next allocations to reuse, so that an output element a kernel
+    fails to write reads as NaN and fails the comparison. Reliable with CUDA's caching allocator
+    (freed blocks are split for later requests); best effort on the CPU."""
+    for numel in (1 << 18, 1 << 12):
+        torch.full((numel,), float("nan"), device=device)
+
+
 def cases(backend, device):
     for shape in shapes_for(backend, device):
         for dtype in kernel_dtypes(backend, device):
             for fmt in MEMORY_FORMATS:
+                poison_allocator(device)
                 yield shape, dtype, fmt
 
 
