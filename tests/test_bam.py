@@ -13,7 +13,13 @@ import attnkern
 from attnkern import reference
 from attnkern.modules.bam import bam_op_inputs
 from conftest import TOLERANCES, backend_device_pairs, devices, interpreted_triton, kernel_dtypes
-from test_cbam import FORMATS, assert_matches, check_compiled_matches_eager, make_modules
+from test_cbam import (
+    FORMATS,
+    assert_matches,
+    check_autocast_keeps_float32_params,
+    check_compiled_matches_eager,
+    make_modules,
+)
 from test_reference import AuthorsBAM, randomize
 
 PAIRS = backend_device_pairs()
@@ -272,14 +278,7 @@ def test_torch_compile_fullgraph(device):
 @pytest.mark.parametrize("backend,device", [p for p in PAIRS if p.values[0] != "triton"])
 def test_autocast_keeps_float32_params(backend, device):
     _, fused = make_modules("BAM", (16, 4), {}, backend, device)
-    fused.float()
-    x = torch.randn(2, 16, 5, 5, device=device).to(torch.bfloat16).requires_grad_(True)
-    with torch.autocast(device_type=device, dtype=torch.bfloat16):
-        y = fused(x)
-    assert y.dtype == torch.bfloat16
-    y.float().sum().backward()
-    assert x.grad.dtype == torch.bfloat16
-    assert fused.spatial.reduce.weight.grad.dtype == torch.float32 and fused.channel.bn.weight.grad.dtype == torch.float32
+    check_autocast_keeps_float32_params(fused, (2, 16, 5, 5), device)
 
 
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])

@@ -265,16 +265,23 @@ def test_torch_compile_fullgraph(backend, device):
     check_compiled_matches_eager(fused, (2, 16, 6, 5), device)
 
 
-@pytest.mark.parametrize("backend,device", [p for p in PAIRS if p.values[0] != "triton"])
-def test_autocast_keeps_float32_params(backend, device):
-    _, fused = make_modules("CBAM", (16, 4), {}, backend, device)
+def check_autocast_keeps_float32_params(fused, shape, device):
+    """Under bf16 autocast: bf16 output and input gradient, float32 parameters and their gradients."""
     fused.float()
-    x = torch.randn(2, 16, 5, 5, device=device).to(torch.bfloat16).requires_grad_(True)
+    x = torch.randn(shape, device=device).to(torch.bfloat16).requires_grad_(True)
     with torch.autocast(device_type=device, dtype=torch.bfloat16):
         y = fused(x)
     assert y.dtype == torch.bfloat16
     y.float().sum().backward()
-    assert x.grad.dtype == torch.bfloat16 and fused.channel.fc1.weight.grad.dtype == torch.float32
+    assert x.grad.dtype == torch.bfloat16
+    for name, p in fused.named_parameters():
+        assert p.dtype == torch.float32 and p.grad is not None and p.grad.dtype == torch.float32, name
+
+
+@pytest.mark.parametrize("backend,device", [p for p in PAIRS if p.values[0] != "triton"])
+def test_autocast_keeps_float32_params(backend, device):
+    _, fused = make_modules("CBAM", (16, 4), {}, backend, device)
+    check_autocast_keeps_float32_params(fused, (2, 16, 5, 5), device)
 
 
 def test_state_dict_and_constructor_match_reference():
