@@ -29,19 +29,16 @@ Conventions (see csrc/ops.cpp for the kernel semantics):
 """
 import contextlib
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from attnkern.backends import triton_interpreted
+
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 _INT32_LIMIT = 2**31
-
-
-def interpreted():
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def cdiv(a, b):
@@ -68,7 +65,7 @@ class _Params:
 
 @functools.lru_cache(maxsize=None)
 def params():
-    return _Params(interpreted())
+    return _Params(triton_interpreted())
 
 
 @functools.lru_cache(maxsize=None)
@@ -107,7 +104,7 @@ def check_x(x, op, name="x"):
         )
     if x.device.type == "cuda":
         return
-    if x.device.type == "cpu" and interpreted():
+    if x.device.type == "cpu" and triton_interpreted():
         return
     raise RuntimeError(
         f"{op}: the Triton backend runs CUDA tensors (CPU tensors only with TRITON_INTERPRET=1 set "
@@ -300,7 +297,7 @@ class Outputs:
 # Autotuning of the element-wise kernels
 # ----------------------------------------------------------------------------------------------
 def ew_configs():
-    if interpreted():
+    if triton_interpreted():
         return [triton.Config({"TILE": 256}, num_warps=1)]
     return [
         triton.Config({"TILE": 1024}, num_warps=4),
@@ -311,7 +308,7 @@ def ew_configs():
 
 
 def ew_default():
-    return {"TILE": 256, "num_warps": 1} if interpreted() else {"TILE": 2048, "num_warps": 4}
+    return {"TILE": 256, "num_warps": 1} if triton_interpreted() else {"TILE": 2048, "num_warps": 4}
 
 
 def _ew_block(args, axis):
