@@ -20,7 +20,7 @@ from test_cbam import (
     check_compiled_matches_eager,
     make_modules,
 )
-from test_reference import AuthorsBAM, randomize
+from test_reference import AuthorsBAM, check_rejects_bad_input, randomize
 
 PAIRS = backend_device_pairs()
 COMBINES = ["product", "sum"]
@@ -304,13 +304,7 @@ def test_state_dict_and_constructor_match_reference():
 
 
 def test_bad_input_and_configuration():
-    m = attnkern.BAM(8, 2)
-    with pytest.raises(ValueError, match="4-D"):
-        m(torch.randn(8, 5, 5))
-    with pytest.raises(ValueError, match="channels"):
-        m(torch.randn(2, 4, 5, 5))
-    with pytest.raises(TypeError, match="floating"):
-        m(torch.ones(2, 8, 5, 5, dtype=torch.int64))
+    check_rejects_bad_input(attnkern.BAM(8, 2))
     with pytest.raises(ValueError, match="no hidden unit"):
         attnkern.BAM(8, 16)  # C < reduction
     with pytest.raises(ValueError, match="combine"):

@@ -9,6 +9,7 @@ import torch
 import attnkern
 from attnkern import reference
 from conftest import TOLERANCES, backend_device_pairs, interpreted_triton, kernel_dtypes
+from test_reference import check_rejects_bad_input
 
 PAIRS = backend_device_pairs()
 FORMATS = [torch.contiguous_format, torch.channels_last]
@@ -307,13 +308,7 @@ def test_fused_loads_authors_layout():
 
 
 def test_bad_input_and_backend():
-    m = attnkern.CBAM(8, 2)
-    with pytest.raises(ValueError, match="4-D"):
-        m(torch.randn(8, 5, 5))
-    with pytest.raises(ValueError, match="channels"):
-        m(torch.randn(2, 4, 5, 5))
-    with pytest.raises(TypeError, match="floating"):
-        m(torch.ones(2, 8, 5, 5, dtype=torch.int64))
+    check_rejects_bad_input(attnkern.CBAM(8, 2))
     with pytest.raises(ValueError, match="unknown backend"):
         attnkern.CBAM(8, 2, backend="metal")
     with pytest.raises(ValueError, match="no hidden unit"):

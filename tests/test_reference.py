@@ -294,7 +294,11 @@ def test_bad_configuration(build, match):
 
 @pytest.mark.parametrize("module", [lambda: reference.CBAM(8, 2), lambda: reference.SE(8, 2), lambda: reference.BAM(8, 2)])
 def test_bad_input(module):
-    m = module()
+    check_rejects_bad_input(module())
+
+
+def check_rejects_bad_input(m):
+    """m expects 8 channels: wrong rank, channel count and dtype each get an exception naming them."""
     with pytest.raises(ValueError, match="4-D"):
         m(torch.randn(8, 5, 5))
     with pytest.raises(ValueError, match="channels"):
