@@ -2,6 +2,7 @@
 // backward. ATen routes a 2-in / 1-out channel conv through im2col or oneDNN, which costs more than
 // the rest of the fused CBAM forward; these loops touch each pooled value k*k times and nothing else.
 // The loops are compiled for AVX2 (see cpu_utils.h); CPUs without it take ATen's convolution.
+#include "cpu/cpu_ops.h"
 #include "cpu/cpu_utils.h"
 
 namespace attnkern {
@@ -63,6 +64,41 @@ void correlate_padded(const T* padded, int64_t in_channels, const T* taps, T* ou
   });
 }
 
+// One tap row of grad_weight: acc[j * lanes ...] (a vector of partial sums per j) = the sum of
+// g[n,h,w] * padded[n,c,h+i,w+j] over the batch and the rows. kTaps > 0 fixes k at compile time, so that the k accumulators stay
+// in registers (with a runtime k they go through memory, and each FMA waits for the last store).
+template <typename T, int64_t kTaps>
+void tap_row_sums(const T* padded_grad, const T* padded, T* acc, int64_t c, int64_t i,
+                  int64_t batch, int64_t cin, int64_t height, int64_t width, int64_t k_runtime,
+                  int64_t padded_height, int64_t padded_width) {
+  using Vec = at::vec::Vectorized<T>;
+  const int64_t k = kTaps > 0 ? kTaps : k_runtime;
+  const int64_t pad = k / 2;
+  constexpr int64_t L = Vec::size();
+  Vec sums[kTaps > 0 ? kTaps : 1];
+  for (auto& v : sums) v = Vec(T(0));
+  std::fill(acc, acc + k * L, T(0));
+  for (int64_t n = 0; n < batch; ++n) {
+    for (int64_t h = 0; h < height; ++h) {
+      const T* g_row = padded_grad + (n * padded_height + h + pad) * padded_width + pad;
+      const T* p_row = padded + ((n * cin + c) * padded_height + h + i) * padded_width;
+      for (int64_t w0 = 0; w0 < width; w0 += Vec::size()) {
+        const Vec g = Vec::loadu(g_row + w0);
+        if constexpr (kTaps > 0) {
+          for (int64_t j = 0; j < kTaps; ++j) sums[j] = at::vec::fmadd(g, Vec::loadu(p_row + w0 + j), sums[j]);
+        } else {
+          for (int64_t j = 0; j < k; ++j) {
+            at::vec::fmadd(g, Vec::loadu(p_row + w0 + j), Vec::loadu(acc + j * L)).store(acc + j * L);
+          }
+        }
+      }
+    }
+  }
+  if constexpr (kTaps > 0) {
+    for (int64_t j = 0; j < kTaps; ++j) sums[j].store(acc + j * L);
+  }
+}
+
 // grad_weight[c, i, j] = sum_{n,h,w} g[n,h,w] * padded[n,c,h+i,w+j], with g read from its own
 // padded copy (the zero slack past each row makes whole vectors safe). One tap row (c, i) per task,
 // vectorised over w with one accumulator per j, in a fixed order: the result does not depend on
@@ -71,27 +107,23 @@ template <typename T>
 void conv_weight_grad(const T* padded_grad, const T* padded, T* gw, int64_t batch, int64_t cin, int64_t height,
                       int64_t width, int64_t k, int64_t padded_height, int64_t padded_width) {
   using Vec = at::vec::Vectorized<T>;
-  const int64_t pad = k / 2;
-  constexpr int64_t lanes = Vec::size();
+  constexpr int64_t L = Vec::size();
   at::parallel_for(0, cin * k, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> acc(k * lanes);  // one vector of partial sums per j (kept as plain memory: k varies)
+    std::vector<T> acc(k * L);
     for (int64_t ci = begin; ci < end; ++ci) {
       const int64_t c = ci / k, i = ci % k;
-      std::fill(acc.begin(), acc.end(), T(0));
-      for (int64_t n = 0; n < batch; ++n) {
-        for (int64_t h = 0; h < height; ++h) {
-          const T* g_row = padded_grad + (n * padded_height + h + pad) * padded_width + pad;
-          const T* p_row = padded + ((n * cin + c) * padded_height + h + i) * padded_width;
-          for (int64_t w0 = 0; w0 < width; w0 += lanes) {
-            const Vec g = Vec::loadu(g_row + w0);
-            for (int64_t j = 0; j < k; ++j) {
-              at::vec::fmadd(g, Vec::loadu(p_row + w0 + j), Vec::loadu(&acc[j * lanes])).store(&acc[j * lanes]);
-            }
-          }
-        }
+      const auto run = [&](auto taps) {
+        tap_row_sums<T, decltype(taps)::value>(padded_grad, padded, acc.data(), c, i, batch, cin, height, width, k,
+                                              padded_height, padded_width);
+      };
+      switch (k) {
+        case 3: run(std::integral_constant<int64_t, 3>()); break;
+        case 5: run(std::integral_constant<int64_t, 5>()); break;
+        case 7: run(std::integral_constant<int64_t, 7>()); break;
+        default: run(std::integral_constant<int64_t, 0>());
       }
       for (int64_t j = 0; j < k; ++j) {
-        gw[ci * k + j] = std::accumulate(&acc[j * lanes], &acc[j * lanes] + lanes, T(0));
+        gw[ci * k + j] = std::accumulate(&acc[j * L], &acc[j * L] + L, T(0));
       }
     }
   });
@@ -106,6 +138,10 @@ at::Tensor zero_padded(const at::Tensor& maps, int64_t k) {
   padded.narrow(2, pad, h).narrow(3, pad, w).copy_(maps);
   return padded;
 }
+
+}  // namespace
+
+namespace cpu {
 
 at::Tensor spatial_conv_cpu(const at::Tensor& pooled_in, const at::Tensor& weight_in,
                             const c10::optional<at::Tensor>& bias) {
@@ -167,11 +203,11 @@ std::tuple<at::Tensor, at::Tensor> spatial_conv_backward_cpu(const at::Tensor& g
   return {grad_pooled, grad_weight};
 }
 
-}  // namespace
+}  // namespace cpu
 
 TORCH_LIBRARY_IMPL(attnkern, CPU, m) {
-  m.impl("spatial_conv", &spatial_conv_cpu);
-  m.impl("spatial_conv_backward", &spatial_conv_backward_cpu);
+  m.impl("spatial_conv", &cpu::spatial_conv_cpu);
+  m.impl("spatial_conv_backward", &cpu::spatial_conv_backward_cpu);
 }
 
 }  // namespace attnkern
