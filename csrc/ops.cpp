@@ -32,6 +32,21 @@ TORCH_LIBRARY(attnkern, m) {
   m.def("spatial_conv(Tensor pooled, Tensor weight, Tensor? bias) -> Tensor");
   // Its backward without the bias term: (grad_pooled (N,Cin,H,W), grad_weight (1,Cin,k,k)).
   m.def("spatial_conv_backward(Tensor grad, Tensor pooled, Tensor weight) -> (Tensor grad_pooled, Tensor grad_weight)");
+  // Whole-op kernels (optional per backend): the fused module's entire forward / backward in one
+  // call, with the contract of the Python ops attnkern::cbam / attnkern::cbam_backward
+  // (attnkern/ops/cbam.py) minus their backend argument.
+  m.def("cbam_fused_forward(Tensor x, Tensor? fc1_weight, Tensor? fc1_bias, Tensor? fc2_weight, Tensor? fc2_bias, "
+        "bool use_avg, bool use_max, Tensor? conv_weight, Tensor? conv_bias, Tensor? bn_weight, Tensor? bn_bias, "
+        "Tensor? bn_running_mean, Tensor? bn_running_var, float bn_eps, bool bn_training) -> (Tensor y, Tensor pools, "
+        "Tensor channel_argmax, Tensor channel_gate, Tensor pooled, Tensor spatial_argmax, Tensor spatial_gate, "
+        "Tensor conv_out, Tensor batch_mean, Tensor batch_var)");
+  m.def("cbam_fused_backward(Tensor grad, Tensor x, Tensor? fc1_weight, Tensor? fc1_bias, Tensor? fc2_weight, "
+        "Tensor? fc2_bias, Tensor? conv_weight, Tensor? conv_bias, Tensor? bn_weight, Tensor? bn_bias, "
+        "Tensor? bn_running_mean, Tensor? bn_running_var, float bn_eps, bool bn_training, Tensor pools, "
+        "Tensor channel_argmax, Tensor channel_gate, Tensor pooled, Tensor spatial_argmax, Tensor spatial_gate, "
+        "Tensor conv_out, bool use_avg, bool use_max) -> (Tensor dx, Tensor d_fc1_weight, Tensor d_fc1_bias, "
+        "Tensor d_fc2_weight, Tensor d_fc2_bias, Tensor d_conv_weight, Tensor d_conv_bias, Tensor d_bn_weight, "
+        "Tensor d_bn_bias)");
   // BAM: y = x * (1 + sigmoid(a)), a = channel_att[n,c] + spatial_att[n,h,w] (product: a = ca * sa).
   m.def("bam_combine(Tensor x, Tensor channel_att, Tensor spatial_att, bool product) -> Tensor");
   // The reductions of BAM's combine backward, one pass over (grad, x): with M = sigmoid(a) and

@@ -8,6 +8,7 @@ import torch
 
 import attnkern
 from attnkern import reference
+from attnkern.backends import get_kernels
 from conftest import TOLERANCES, backend_device_pairs, interpreted_triton, kernel_dtypes
 from test_reference import check_rejects_bad_input
 
@@ -171,6 +172,9 @@ def test_max_ties_and_nan(backend, device):
     assert torch.isnan(y[0]).any() and not torch.isnan(y[1]).any()
 
 
+DIFFERENTIABLE = (0, 1, 2, 3, 4, 7, 9, 10)  # x, fc1, fc2, conv weight, bn weight and bias in small_op_args
+
+
 def small_op_args(device, dtype=torch.float64, training=False, spatial=True, channel=True):
     g = torch.Generator().manual_seed(1)
 
@@ -188,7 +192,7 @@ def small_op_args(device, dtype=torch.float64, training=False, spatial=True, cha
 @pytest.mark.parametrize("training", [False, True])
 def test_gradcheck(backend, device, training):
     args = list(small_op_args(device, training=training))
-    diff = [0, 1, 2, 3, 4, 7, 9, 10]
+    diff = DIFFERENTIABLE
     for i in diff:
         args[i] = args[i].requires_grad_(True)
 
@@ -207,7 +211,7 @@ def test_gradcheck(backend, device, training):
 @pytest.mark.parametrize("variant", ["full", "channel_only", "spatial_only"])
 def test_opcheck(backend, device, variant):
     args = list(small_op_args(device, training=variant == "full", spatial=variant != "channel_only", channel=variant != "spatial_only"))
-    for i in (0, 1, 2, 3, 4, 7, 9, 10):
+    for i in DIFFERENTIABLE:
         if args[i] is not None:
             args[i] = args[i].requires_grad_(True)
     torch.library.opcheck(torch.ops.attnkern.cbam.default, (*args, backend))
@@ -238,6 +242,43 @@ def test_opcheck_compiled_kernels(backend, device):
             torch.library.opcheck(ops.bam_combine.default, (xx, gate, smap, product))
             torch.library.opcheck(ops.bam_combine_backward.default, (gg, xx, gate, smap, product))
             torch.library.opcheck(ops.bam_input_grad.default, (gg, xx, gate, smap, product, gate, gg))
+
+
+WHOLE_OP_PAIRS = [p for p in PAIRS if get_kernels(p.values[0]).cbam_fused_forward is not None]
+
+
+@pytest.mark.parametrize("backend,device", WHOLE_OP_PAIRS)
+@pytest.mark.parametrize("variant", ["train", "eval", "channel_only", "spatial_only"])
+def test_opcheck_whole_op_kernels(backend, device, variant):
+    """The whole-op kernels, their fakes and the forward's C++ autograd (csrc/cbam_fused_autograd.cpp)."""
+    args = list(small_op_args(device, training=variant == "train", spatial=variant != "channel_only", channel=variant != "spatial_only"))
+    ops = torch.ops.attnkern
+    saved = ops.cbam_fused_forward(*args)[1:8]
+    x, fc1w, fc1b, fc2w, fc2b, use_avg, use_max, *spatial, eps, training = args
+    grad = torch.randn_like(x)
+    torch.library.opcheck(
+        ops.cbam_fused_backward.default, (grad, x, fc1w, fc1b, fc2w, fc2b, *spatial, eps, training, *saved, use_avg, use_max)
+    )
+    for i in DIFFERENTIABLE:
+        if args[i] is not None:
+            args[i].requires_grad_(True)
+    torch.library.opcheck(ops.cbam_fused_forward.default, args)
+
+
+@pytest.mark.parametrize("backend,device", WHOLE_OP_PAIRS)
+@pytest.mark.parametrize("training", [False, True])
+def test_gradcheck_whole_op_autograd(backend, device, training):
+    args = list(small_op_args(device, training=training))
+    for i in DIFFERENTIABLE:
+        args[i].requires_grad_(True)
+
+    def f(*inputs):
+        full = list(args)
+        for i, t in zip(DIFFERENTIABLE, inputs):
+            full[i] = t
+        return torch.ops.attnkern.cbam_fused_forward(*full)[0]
+
+    assert torch.autograd.gradcheck(f, [args[i] for i in DIFFERENTIABLE], eps=1e-6, atol=1e-5, rtol=1e-4)
 
 
 def check_compiled_matches_eager(fused, shape, device):

@@ -34,16 +34,31 @@ KERNEL_NAMES = (
     "bam_input_grad",
 )
 
+# Whole-op kernels: one call for a fused module's entire forward or backward (same contract as
+# attnkern::cbam / attnkern::cbam_backward without the backend). Optional: a backend without them
+# runs the composition of the kernels above in attnkern/ops/.
+WHOLE_OP_NAMES = ("cbam_fused_forward", "cbam_fused_backward")
+
 
 def _with_fallbacks(kernels):
-    """A backend's kernels, with the torch definition standing in for any it does not implement."""
-    return types.SimpleNamespace(**{name: kernels.get(name, getattr(torch_kernels, name)) for name in KERNEL_NAMES})
+    """A backend's kernels, with the torch definition standing in for any it does not implement
+    (and None for a whole-op kernel it lacks)."""
+    return types.SimpleNamespace(
+        **{name: kernels.get(name, getattr(torch_kernels, name)) for name in KERNEL_NAMES},
+        **{name: kernels.get(name) for name in WHOLE_OP_NAMES},
+    )
+
+
+@functools.cache
+def _torch_kernels():
+    return _with_fallbacks({})
 
 
 @functools.cache
 def _compiled_kernels(dispatch_key):
     ops = torch.ops.attnkern
-    return _with_fallbacks({n: getattr(ops, n) for n in KERNEL_NAMES if _extension.has_kernel(dispatch_key, n)})
+    names = KERNEL_NAMES + WHOLE_OP_NAMES
+    return _with_fallbacks({n: getattr(ops, n) for n in names if _extension.has_kernel(dispatch_key, n)})
 
 
 def triton_interpreted():
@@ -54,7 +69,7 @@ def triton_interpreted():
 def _triton_kernels():
     """The Triton kernels (imported on first use: importing Triton is slow). Each file holds one module's kernels."""
     merged = {}
-    for module in ("attnkern.backends.triton_cbam", "attnkern.backends.triton_bam"):
+    for module in ("attnkern.backends.triton_cbam", "attnkern.backends.triton_bam", "attnkern.backends.triton_spatial_conv"):
         try:
             merged.update({k: v for k, v in vars(importlib.import_module(module)).items() if k in KERNEL_NAMES})
         except ModuleNotFoundError as exc:
@@ -93,6 +108,15 @@ _AVAILABLE = {
 }
 
 
+# The compiled backends with whole-op kernels, decided at import like _AVAILABLE.
+_WHOLE_OP = frozenset(b for b in ("cpu", "cuda") if _extension.has_kernel(b.upper(), WHOLE_OP_NAMES[0]))
+
+
+def has_whole_op(backend):
+    """Whether a concrete backend runs a fused module's forward and backward as one op each."""
+    return backend in _WHOLE_OP
+
+
 def available_backends(device="cpu"):
     """The backends that can run on `device` here, fastest first."""
     device_type = torch.device(device).type
@@ -127,7 +151,7 @@ def resolve(backend, device):
 def get_kernels(backend):
     """The kernel namespace of a concrete backend name."""
     if backend == "torch":
-        return torch_kernels
+        return _torch_kernels()
     if backend in ("cpu", "cuda"):
         return _compiled_kernels(backend.upper())
     if backend == "triton":

@@ -1,8 +1,7 @@
 """Fused CBAM, SE and their gates: the reference modules with forward replaced by attnkern::cbam."""
-import torch
-
 from attnkern import backends, reference
 from attnkern.modules.common import FusedModule, bn_uses_batch_stats, check_bn_batch, update_running_stats
+from attnkern.ops.cbam import cbam_op
 from attnkern.reference import check_input
 
 __all__ = ["ChannelGate", "SpatialGate", "CBAM", "SE", "fused_cbam"]
@@ -28,7 +27,7 @@ def fused_cbam(x, channel, spatial, backend):
                 spatial.conv.weight, spatial.conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var,
                 bn.eps, bn_uses_batch_stats(bn),
             )
-    outputs = torch.ops.attnkern.cbam(x, *channel_args, *spatial_args, backend)
+    outputs = cbam_op(x, *channel_args, *spatial_args, backend=backend)
     if bn is not None:
         update_running_stats(bn, outputs[8], outputs[9], x.shape[0] * x.shape[2] * x.shape[3])
     return outputs[0]

@@ -7,6 +7,13 @@ Backward, three passes over (grad, x):
     dx = cbam_input_grad(...)
 Only x and (N, C)- or (N, H, W)-sized tensors are saved; never the full-size x * Mc.
 
+A backend with whole-op kernels (cbam_fused_forward / cbam_fused_backward: the C++ CPU backend)
+runs each direction as one call instead of this composition.
+
+Outputs: y, then what backward needs: pools (P, N, C) (the used ones of avg, max), channel_argmax
+(N, C) when the max pool is used, channel_gate, pooled, spatial_argmax, spatial_gate, conv_out, and
+the BN batch statistics; an empty tensor stands for each one a configuration does not have.
+
 A missing channel gate (fc1_weight None) means Mc = 1; a missing spatial gate (conv_weight None)
 means Ms = 1; a missing bn_weight means no BatchNorm. The op never mutates: in BN training mode it
 returns the biased batch statistics, and the module folds them into its running buffers.
@@ -16,7 +23,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from attnkern.backends import get_kernels
+from attnkern import _extension
+from attnkern.backends import get_kernels, has_whole_op
 from attnkern.backends.torch_kernels import acc_dtype
 from attnkern.ops import gate_math
 from attnkern.ops.common import dense, like_x, without_autocast
@@ -43,12 +51,19 @@ def cbam(
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     kernels = get_kernels(backend)
+    if kernels.cbam_fused_forward is not None:
+        return kernels.cbam_fused_forward(
+            x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, use_avg, use_max, conv_weight, conv_bias,
+            bn_weight, bn_bias, bn_running_mean, bn_running_var, bn_eps, bn_training,
+        )
     x = dense(x)
     n, c, h, w = x.shape
     acc = acc_dtype(x.dtype)
     if fc1_weight is not None:
         avg, mx, channel_argmax = kernels.channel_pool(x)
         pools = torch.stack([p for p, used in ((avg, use_avg), (mx, use_max)) if used])
+        if not use_max:
+            channel_argmax = x.new_empty(0, dtype=torch.long)
         channel_gate, _ = gate_math.mlp_forward(pools, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
     else:
         pools, channel_argmax = x.new_empty((0, n, c), dtype=acc), x.new_empty(0, dtype=torch.long)
@@ -68,7 +83,7 @@ def cbam(
 
 @cbam.register_fake
 def _cbam_fake(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, use_avg, use_max, conv_weight, conv_bias,
-               bn_weight, bn_bias, bn_running_mean, bn_running_var, bn_eps, bn_training, backend):
+               bn_weight, bn_bias, bn_running_mean, bn_running_var, bn_eps, bn_training, backend=None):
     n, c, h, w = x.shape
     acc = acc_dtype(x.dtype)
     has_channel, has_spatial = fc1_weight is not None, conv_weight is not None
@@ -77,7 +92,7 @@ def _cbam_fake(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, use_avg, use_max, 
     return (
         torch.empty_like(dense(x)),
         x.new_empty((num_pools, n, c), dtype=acc),
-        x.new_empty((n, c) if has_channel else (0,), dtype=torch.long),
+        x.new_empty((n, c) if has_channel and use_max else (0,), dtype=torch.long),
         x.new_empty((n, c), dtype=acc),
         x.new_empty((n, 2, h, w) if has_spatial else (0,), dtype=acc),
         x.new_empty((n, h, w) if has_spatial else (0,), dtype=torch.long),
@@ -119,6 +134,12 @@ def cbam_backward(
     """Returns (dx, d fc1_weight, d fc1_bias, d fc2_weight, d fc2_bias, d conv_weight, d conv_bias,
     d bn_weight, d bn_bias); an empty tensor for each absent parameter."""
     kernels = get_kernels(backend)
+    if kernels.cbam_fused_backward is not None:
+        return kernels.cbam_fused_backward(
+            grad, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, conv_weight, conv_bias, bn_weight, bn_bias,
+            bn_running_mean, bn_running_var, bn_eps, bn_training, pools, channel_argmax, channel_gate, pooled,
+            spatial_argmax, spatial_gate, conv_out, use_avg, use_max,
+        )
     x = dense(x)
     grad = like_x(grad, x)
     acc = acc_dtype(x.dtype)
@@ -158,6 +179,12 @@ def _cbam_backward_fake(grad, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, con
     return (torch.empty_like(dense(x)), *[x.new_empty(0, dtype=acc) if p is None else torch.empty_like(p) for p in params])
 
 
+# The whole-op kernels share these ops' contracts (minus the backend), so their fakes too.
+if _extension.LOAD_ERROR is None:
+    torch.library.register_fake("attnkern::cbam_fused_forward", _cbam_fake)
+    torch.library.register_fake("attnkern::cbam_fused_backward", _cbam_backward_fake)
+
+
 def _setup_context(ctx, inputs, output):
     (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, use_avg, use_max, conv_weight, conv_bias,
      bn_weight, bn_bias, bn_running_mean, bn_running_var, bn_eps, bn_training, backend) = inputs
@@ -184,3 +211,12 @@ def _backward(ctx, grad, *_unused):
 
 
 cbam.register_autograd(_backward, setup_context=_setup_context)
+
+
+def cbam_op(*args, backend):
+    """attnkern::cbam(*args, backend), or the backend's whole-op kernel itself where it has one. That
+    op carries its autograd in C++ (csrc/cbam_fused_autograd.cpp): the custom op's Python autograd
+    wrapper costs ~0.1 ms a call, more than the CPU kernels at small ResNet sizes."""
+    if has_whole_op(backend):
+        return torch.ops.attnkern.cbam_fused_forward(*args)
+    return cbam(*args, backend)

@@ -20,6 +20,7 @@
 // The argmax terms of the backward kernels touch one element per pixel (spatial argmax) or per
 // channel (channel argmax); they are applied per tile or row right after its dense part, while
 // it is in cache, instead of comparing indices at every element.
+#include "cpu/cpu_ops.h"
 #include "cpu/cpu_utils.h"
 
 ATTNKERN_VEC_BEGIN
@@ -610,6 +611,41 @@ Prepared prepare(const char* op, const Tensor& x) {
   return {in_layout(x, layout), layout, acc_type_of(x.scalar_type())};
 }
 
+// Checks the optional spatial terms; returns (spatial_gate, grad_pooled, spatial_argmax), each
+// contiguous, the last two absent or both present. Without spatial_gate the others are ignored
+// (as in the reference).
+std::tuple<optional<Tensor>, optional<Tensor>, optional<Tensor>> check_spatial_terms(
+    const char* op, const Tensor& x, at::ScalarType acc_type, const optional<Tensor>& sg, const optional<Tensor>& gp,
+    const optional<Tensor>& sarg) {
+  if (!sg.has_value()) {
+    return {};
+  }
+  const int64_t N = x.size(0), H = x.size(2), W = x.size(3);
+  Tensor s = check_spatial_map(op, "spatial_gate", *sg, acc_type, x);
+  if (!gp.has_value()) {
+    return {s, std::nullopt, std::nullopt};
+  }
+  TORCH_CHECK(sarg.has_value(), op, ": grad_pooled needs spatial_argmax");
+  Tensor g = check_small(op, "grad_pooled", *gp, acc_type, {N, 2, H, W}, x);
+  Tensor a = check_spatial_map(op, "spatial_argmax", *sarg, at::kLong, x);
+  return {s, g, a};
+}
+
+template <typename A>
+SpatialTerms<A> spatial_terms_of(const optional<Tensor>& sg, const optional<Tensor>& gp, const optional<Tensor>& sarg) {
+  SpatialTerms<A> st;
+  if (sg.has_value()) {
+    st.sg = sg->const_data_ptr<A>();
+  }
+  if (gp.has_value()) {
+    st.gp = gp->const_data_ptr<A>();
+    st.sarg = sarg->const_data_ptr<int64_t>();
+  }
+  return st;
+}
+
+}  // namespace
+
 std::tuple<Tensor, Tensor, Tensor> channel_pool_cpu(const Tensor& x_in) {
   constexpr const char* op = "attnkern::channel_pool";
   check_full(op, "x", x_in);
@@ -689,39 +725,6 @@ Tensor spatial_gate_grad_cpu(const Tensor& grad_in, const Tensor& x_in, const Te
                                     [&] { spatial_gate_grad_kernel<scalar_t>(grad, p.x, p.layout, cgate, out); });
   }
   return out;
-}
-
-// Checks the optional spatial terms; returns (spatial_gate, grad_pooled, spatial_argmax), each
-// contiguous, the last two absent or both present. Without spatial_gate the others are ignored
-// (as in the reference).
-std::tuple<optional<Tensor>, optional<Tensor>, optional<Tensor>> check_spatial_terms(
-    const char* op, const Tensor& x, at::ScalarType acc_type, const optional<Tensor>& sg, const optional<Tensor>& gp,
-    const optional<Tensor>& sarg) {
-  if (!sg.has_value()) {
-    return {};
-  }
-  const int64_t N = x.size(0), H = x.size(2), W = x.size(3);
-  Tensor s = check_spatial_map(op, "spatial_gate", *sg, acc_type, x);
-  if (!gp.has_value()) {
-    return {s, std::nullopt, std::nullopt};
-  }
-  TORCH_CHECK(sarg.has_value(), op, ": grad_pooled needs spatial_argmax");
-  Tensor g = check_small(op, "grad_pooled", *gp, acc_type, {N, 2, H, W}, x);
-  Tensor a = check_spatial_map(op, "spatial_argmax", *sarg, at::kLong, x);
-  return {s, g, a};
-}
-
-template <typename A>
-SpatialTerms<A> spatial_terms_of(const optional<Tensor>& sg, const optional<Tensor>& gp, const optional<Tensor>& sarg) {
-  SpatialTerms<A> st;
-  if (sg.has_value()) {
-    st.sg = sg->const_data_ptr<A>();
-  }
-  if (gp.has_value()) {
-    st.gp = gp->const_data_ptr<A>();
-    st.sarg = sarg->const_data_ptr<int64_t>();
-  }
-  return st;
 }
 
 Tensor channel_gate_grad_cpu(const Tensor& grad_in, const Tensor& x_in, const optional<Tensor>& sg_in,
@@ -807,7 +810,6 @@ Tensor cbam_input_grad_cpu(const Tensor& grad_in, const Tensor& x_in, const Tens
   return dx;
 }
 
-}  // namespace
 }  // namespace attnkern::cpu
 
 TORCH_LIBRARY_IMPL(attnkern, CPU, m) {

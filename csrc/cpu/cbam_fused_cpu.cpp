@@ -1,0 +1,256 @@
+// The whole CBAM / SE / gate forward and backward on the CPU, one C++ call each (schemas
+// cbam_fused_forward / cbam_fused_backward in csrc/ops.cpp). They run the per-pass kernels of
+// cbam_cpu.cpp and spatial_conv_cpu.cpp with the small math between them (shared MLP, spatial
+// BatchNorm, sigmoids on (N, C) vectors and (N, 1, H, W) maps) done here with ATen: the same
+// passes as the Python composition in attnkern/ops/cbam.py, without its ~30 (forward) and ~60
+// (backward) Python-level calls, which cost more than the passes themselves at ResNet sizes.
+// The small math mirrors attnkern/ops/gate_math.py line for line; the tests hold both against
+// the reference modules.
+
+#include <ATen/ATen.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/library.h>
+
+#include "cpu/cpu_ops.h"
+#include "cpu/cpu_utils.h"
+
+namespace attnkern::cpu {
+namespace {
+
+using at::Tensor;
+using std::optional;
+
+using ForwardOutputs = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+using BackwardOutputs = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+optional<Tensor> cast(const optional<Tensor>& t, at::ScalarType dtype) {
+  return t.has_value() ? optional<Tensor>(t->to(dtype)) : std::nullopt;
+}
+
+// A per-channel vector broadcast over (N, C, H, W).
+Tensor per_channel(const Tensor& v) {
+  return v.view({1, -1, 1, 1});
+}
+
+// A parameter's gradient in the parameter's dtype; an empty tensor stands for "no such parameter".
+Tensor param_grad(const Tensor& grad, const optional<Tensor>& param, const Tensor& like) {
+  return param.has_value() ? grad.to(param->scalar_type()) : like.new_empty({0});
+}
+
+// The shared MLP's parameters in the acc dtype.
+struct Mlp {
+  Tensor fc1_weight;
+  optional<Tensor> fc1_bias;
+  Tensor fc2_weight;
+  optional<Tensor> fc2_bias;
+};
+
+Mlp mlp_in(at::ScalarType acc, const Tensor& fc1_weight, const optional<Tensor>& fc1_bias,
+           const optional<Tensor>& fc2_weight, const optional<Tensor>& fc2_bias) {
+  TORCH_CHECK(fc2_weight.has_value(), "attnkern::cbam_fused: fc1_weight needs fc2_weight");
+  return {fc1_weight.to(acc), cast(fc1_bias, acc), fc2_weight->to(acc), cast(fc2_bias, acc)};
+}
+
+Tensor mlp_hidden(const Tensor& pools, const Mlp& mlp) {
+  return at::relu(at::linear(pools, mlp.fc1_weight, mlp.fc1_bias));
+}
+
+// gate = sigmoid(sum_p fc2(relu(fc1(pools[p])))) for the stacked pools (P, N, C).
+Tensor mlp_forward(const Tensor& pools, const Mlp& mlp) {
+  return at::sigmoid(at::linear(mlp_hidden(pools, mlp), mlp.fc2_weight, mlp.fc2_bias).sum(0));
+}
+
+// Returns (grad_pools (P, N, C), d fc1_weight, d fc1_bias, d fc2_weight, d fc2_bias) in the acc dtype.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> mlp_backward(const Tensor& grad_gate, const Tensor& gate,
+                                                                const Tensor& pools, const Mlp& mlp) {
+  const Tensor hidden = mlp_hidden(pools, mlp);
+  const Tensor grad_logits = grad_gate * gate * (1 - gate);  // (N, C), shared by every pool
+  const Tensor grad_hidden = grad_logits.mm(mlp.fc2_weight).unsqueeze(0) * (hidden > 0);
+  return {
+      grad_hidden.matmul(mlp.fc1_weight),
+      grad_hidden.flatten(0, 1).t().mm(pools.flatten(0, 1)),
+      grad_hidden.sum({0, 1}),
+      grad_logits.t().mm(hidden.sum(0)),
+      grad_logits.sum(0) * pools.size(0),
+  };
+}
+
+// Biased (var, mean) per channel over (N, H, W); zeros for an empty batch instead of NaN.
+std::pair<Tensor, Tensor> batch_stats(const Tensor& t) {
+  const int64_t channels = t.size(1);
+  if (t.numel() == 0) {
+    return {at::zeros({channels}, t.options()), at::zeros({channels}, t.options())};
+  }
+  const Tensor flat = t.transpose(0, 1).reshape({channels, -1});
+  const Tensor mean = flat.mean(1);
+  return {(flat - mean.unsqueeze(1)).square().mean(1), mean};
+}
+
+struct SpatialBn {
+  optional<Tensor> weight, bias, running_mean, running_var;
+  double eps;
+  bool training;
+};
+
+// The (mean, var) BN normalises with: the batch's in training, else the running ones (acc dtype).
+std::pair<Tensor, Tensor> bn_stats(const Tensor& conv_out, const SpatialBn& bn) {
+  if (bn.training) {
+    auto [var, mean] = batch_stats(conv_out);
+    return {mean, var};
+  }
+  TORCH_CHECK(bn.running_mean.has_value() && bn.running_var.has_value(),
+              "attnkern::cbam_fused: BatchNorm outside training needs running statistics");
+  return {bn.running_mean->to(conv_out.scalar_type()), bn.running_var->to(conv_out.scalar_type())};
+}
+
+// Returns (grad_pooled, d conv_weight, d conv_bias, d bn_weight, d bn_bias); absent ones undefined.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> spatial_backward(const Tensor& grad_gate, const Tensor& gate,
+                                                                    const Tensor& pooled, const Tensor& conv_out,
+                                                                    const Tensor& conv_weight, bool has_conv_bias,
+                                                                    const SpatialBn& bn) {
+  const auto acc = pooled.scalar_type();
+  Tensor grad_logits = (grad_gate * gate * (1 - gate)).unsqueeze(1);  // (N, 1, H, W)
+  Tensor grad_bn_weight, grad_bn_bias;
+  if (bn.weight.has_value()) {
+    const auto [mean, var] = bn_stats(conv_out, bn);
+    const Tensor invstd = per_channel(at::rsqrt(var + bn.eps));
+    const Tensor normalized = (conv_out - per_channel(mean)) * invstd;
+    grad_bn_weight = (grad_logits * normalized).sum({0, 2, 3});
+    grad_bn_bias = grad_logits.sum({0, 2, 3});
+    Tensor grad_normalized = grad_logits * per_channel(bn.weight->to(acc));
+    if (bn.training) {
+      grad_normalized = grad_normalized - grad_normalized.mean({0, 2, 3}, true) -
+                        normalized * (grad_normalized * normalized).mean({0, 2, 3}, true);
+    }
+    grad_logits = grad_normalized * invstd;
+  }
+  auto [grad_pooled, grad_conv_weight] = spatial_conv_backward_cpu(grad_logits, pooled, conv_weight.to(acc));
+  Tensor grad_conv_bias = has_conv_bias ? grad_logits.sum({0, 2, 3}) : Tensor();
+  return {grad_pooled, grad_conv_weight, grad_conv_bias, grad_bn_weight, grad_bn_bias};
+}
+
+// x in the layout the kernels take natively (a copy only for other strides), so that each pass
+// does not make its own.
+Tensor dense(const Tensor& x) {
+  TORCH_CHECK(x.dim() == 4, "attnkern::cbam_fused: x must be 4-D (N, C, H, W), got ", x.dim(), "-D");
+  return in_layout(x, layout_of(x));
+}
+
+ForwardOutputs cbam_fused_forward_cpu(const Tensor& x_in, const optional<Tensor>& fc1_weight,
+                                      const optional<Tensor>& fc1_bias, const optional<Tensor>& fc2_weight,
+                                      const optional<Tensor>& fc2_bias, bool use_avg, bool use_max,
+                                      const optional<Tensor>& conv_weight, const optional<Tensor>& conv_bias,
+                                      const optional<Tensor>& bn_weight, const optional<Tensor>& bn_bias,
+                                      const optional<Tensor>& bn_running_mean,
+                                      const optional<Tensor>& bn_running_var, double bn_eps, bool bn_training) {
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);  // the small math runs in acc
+  const Tensor x = dense(x_in);
+  const int64_t N = x.size(0), C = x.size(1);
+  const auto acc = acc_type_of(x.scalar_type());
+  const auto acc_opts = x.options().dtype(acc);
+  const auto long_opts = x.options().dtype(at::kLong);
+  Tensor pools, channel_argmax, channel_gate;
+  if (fc1_weight.has_value()) {
+    TORCH_CHECK(use_avg || use_max, "attnkern::cbam_fused: the channel gate needs an avg or a max pool");
+    if (use_max) {
+      auto [avg, mx, arg] = channel_pool_cpu(x);
+      pools = use_avg ? at::stack({avg, mx}) : mx.unsqueeze(0);
+      channel_argmax = arg;
+    } else {
+      // SE: the mean alone, in ATen's reduction: the max and its argmax would double the pass's work.
+      TORCH_CHECK(x.size(2) * x.size(3) > 0 || N * C == 0,
+                  "attnkern::cbam_fused: cannot average over an empty H*W (x has shape ", x.sizes(), ")");
+      pools = at::mean(x, {2, 3}, false, acc).unsqueeze(0);
+      channel_argmax = at::empty({0}, long_opts);
+    }
+    channel_gate = mlp_forward(pools, mlp_in(acc, *fc1_weight, fc1_bias, fc2_weight, fc2_bias));
+  } else {
+    pools = at::empty({0, N, C}, acc_opts);
+    channel_argmax = at::empty({0}, long_opts);
+    channel_gate = at::ones({N, C}, acc_opts);
+  }
+  // Placeholders for absent outputs are distinct tensors: op outputs may not alias.
+  Tensor pooled = at::empty({0}, acc_opts), spatial_argmax = at::empty({0}, long_opts);
+  Tensor spatial_gate = at::empty({0}, acc_opts), conv_out = at::empty({0}, acc_opts);
+  Tensor batch_mean = at::empty({0}, acc_opts), batch_var = at::empty({0}, acc_opts);
+  optional<Tensor> spatial_gate_arg;
+  if (conv_weight.has_value()) {
+    std::tie(pooled, spatial_argmax) = spatial_pool_cpu(x, channel_gate);
+    conv_out = spatial_conv_cpu(pooled, conv_weight->to(acc), cast(conv_bias, acc));
+    Tensor logits = conv_out;
+    if (bn_weight.has_value()) {
+      const SpatialBn bn{bn_weight, bn_bias, bn_running_mean, bn_running_var, bn_eps, bn_training};
+      const auto [mean, var] = bn_stats(conv_out, bn);
+      if (bn_training) {
+        batch_mean = mean;
+        batch_var = var;
+      }
+      const Tensor scale = bn_weight->to(acc) * at::rsqrt(var + bn_eps);
+      logits = (logits - per_channel(mean)) * per_channel(scale) + per_channel(bn_bias->to(acc));
+    }
+    spatial_gate = at::sigmoid(logits.select(1, 0));
+    spatial_gate_arg = spatial_gate;
+  }
+  Tensor y = apply_gates_cpu(x, channel_gate, spatial_gate_arg);
+  return {y, pools, channel_argmax, channel_gate, pooled, spatial_argmax, spatial_gate, conv_out, batch_mean, batch_var};
+}
+
+BackwardOutputs cbam_fused_backward_cpu(
+    const Tensor& grad_in, const Tensor& x_in, const optional<Tensor>& fc1_weight, const optional<Tensor>& fc1_bias,
+    const optional<Tensor>& fc2_weight, const optional<Tensor>& fc2_bias, const optional<Tensor>& conv_weight,
+    const optional<Tensor>& conv_bias, const optional<Tensor>& bn_weight, const optional<Tensor>& bn_bias,
+    const optional<Tensor>& bn_running_mean, const optional<Tensor>& bn_running_var, double bn_eps, bool bn_training,
+    const Tensor& pools, const Tensor& channel_argmax, const Tensor& channel_gate, const Tensor& pooled,
+    const Tensor& spatial_argmax, const Tensor& spatial_gate, const Tensor& conv_out, bool use_avg, bool use_max) {
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  const Tensor x = dense(x_in);
+  const Tensor grad = in_layout(grad_in, layout_of(x));
+  optional<Tensor> sg, grad_pooled, sarg;
+  Tensor d_conv_weight, d_conv_bias, d_bn_weight, d_bn_bias;
+  if (conv_weight.has_value()) {
+    const Tensor grad_spatial_gate = spatial_gate_grad_cpu(grad, x, channel_gate);
+    const SpatialBn bn{bn_weight, bn_bias, bn_running_mean, bn_running_var, bn_eps, bn_training};
+    Tensor gp;
+    std::tie(gp, d_conv_weight, d_conv_bias, d_bn_weight, d_bn_bias) = spatial_backward(
+        grad_spatial_gate, spatial_gate, pooled, conv_out, *conv_weight, conv_bias.has_value(), bn);
+    sg = spatial_gate;
+    grad_pooled = gp;
+    sarg = spatial_argmax;
+  }
+  optional<Tensor> grad_avg, grad_max, max_argmax;
+  Tensor d_fc1_weight, d_fc1_bias, d_fc2_weight, d_fc2_bias;
+  if (fc1_weight.has_value()) {
+    const Tensor grad_channel_gate = channel_gate_grad_cpu(grad, x, sg, grad_pooled, sarg);
+    const Mlp mlp = mlp_in(pools.scalar_type(), *fc1_weight, fc1_bias, fc2_weight, fc2_bias);
+    Tensor grad_pools;
+    std::tie(grad_pools, d_fc1_weight, d_fc1_bias, d_fc2_weight, d_fc2_bias) =
+        mlp_backward(grad_channel_gate, channel_gate, pools, mlp);
+    int64_t next = 0;
+    if (use_avg) grad_avg = grad_pools[next++];
+    if (use_max) {
+      grad_max = grad_pools[next++];
+      max_argmax = channel_argmax;
+    }
+  }
+  Tensor dx = cbam_input_grad_cpu(grad, x, channel_gate, sg, grad_pooled, sarg, grad_avg, grad_max, max_argmax);
+  const Tensor& like = channel_gate;
+  return {
+      dx,
+      param_grad(d_fc1_weight, fc1_weight, like),
+      param_grad(d_fc1_bias, fc1_bias, like),
+      param_grad(d_fc2_weight, fc2_weight, like),
+      param_grad(d_fc2_bias, fc2_bias, like),
+      param_grad(d_conv_weight, conv_weight, like),
+      param_grad(d_conv_bias, conv_bias, like),
+      param_grad(d_bn_weight, bn_weight, like),
+      param_grad(d_bn_bias, bn_bias, like),
+  };
+}
+
+}  // namespace
+}  // namespace attnkern::cpu
+
+TORCH_LIBRARY_IMPL(attnkern, CPU, m) {
+  m.impl("cbam_fused_forward", &attnkern::cpu::cbam_fused_forward_cpu);
+  m.impl("cbam_fused_backward", &attnkern::cpu::cbam_fused_backward_cpu);
+}

@@ -1,0 +1,31 @@
+// The CPU implementations of the per-pass kernel ops (schemas: csrc/ops.cpp), for the whole-op
+// kernels that compose them in one C++ call (cbam_fused_cpu.cpp). Each checks its arguments.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <tuple>
+
+namespace attnkern::cpu {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_pool_cpu(const at::Tensor& x);
+std::tuple<at::Tensor, at::Tensor> spatial_pool_cpu(const at::Tensor& x, const at::Tensor& channel_gate);
+at::Tensor apply_gates_cpu(const at::Tensor& x, const at::Tensor& channel_gate,
+                           const std::optional<at::Tensor>& spatial_gate);
+at::Tensor spatial_gate_grad_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& channel_gate);
+at::Tensor channel_gate_grad_cpu(const at::Tensor& grad, const at::Tensor& x,
+                                 const std::optional<at::Tensor>& spatial_gate,
+                                 const std::optional<at::Tensor>& grad_pooled,
+                                 const std::optional<at::Tensor>& spatial_argmax);
+at::Tensor cbam_input_grad_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& channel_gate,
+                               const std::optional<at::Tensor>& spatial_gate,
+                               const std::optional<at::Tensor>& grad_pooled,
+                               const std::optional<at::Tensor>& spatial_argmax,
+                               const std::optional<at::Tensor>& grad_avg, const std::optional<at::Tensor>& grad_max,
+                               const std::optional<at::Tensor>& channel_argmax);
+at::Tensor spatial_conv_cpu(const at::Tensor& pooled, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
+std::tuple<at::Tensor, at::Tensor> spatial_conv_backward_cpu(const at::Tensor& grad, const at::Tensor& pooled,
+                                                             const at::Tensor& weight);
+
+}  // namespace attnkern::cpu
