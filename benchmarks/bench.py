@@ -26,7 +26,13 @@ import attnkern  # noqa: E402
 from benchmarks import cases as C  # noqa: E402
 from benchmarks import report  # noqa: E402
 from benchmarks.memory import peak_cuda_bytes, saved_bytes  # noqa: E402
-from benchmarks.timing import CpuSampler, last_level_cache_bytes, rotation_count, time_cuda  # noqa: E402
+from benchmarks.timing import (  # noqa: E402
+    CpuSampler,
+    keep_freed_memory,
+    last_level_cache_bytes,
+    rotation_count,
+    time_cuda,
+)
 
 DEFAULT_OUTPUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -91,6 +97,10 @@ def parse_args(argv=None):
                    help="CUDA: milliseconds of timed calls per measurement (triton.testing.do_bench's rep; default 100)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads (default: the number of cores this process may use)")
+    p.add_argument("--malloc", default="default", choices=("default", "keep"),
+                   help="CPU: 'keep' stops glibc from returning freed memory to the OS, so that outputs are "
+                        "not page-faulted in anew on every call (benchmarks/timing.py keep_freed_memory "
+                        "explains; jemalloc or tcmalloc behave so anyway). Default: glibc's own behaviour")
     p.add_argument("--no-memory", action="store_true",
                    help="skip the saved-for-backward and peak-memory measurements")
     p.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
@@ -362,8 +372,11 @@ def main(argv=None):
 
     threads = args.threads or cpu_count()
     torch.set_num_threads(threads)
+    if args.malloc == "keep" and not keep_freed_memory():
+        log("WARNING: --malloc keep: mallopt is not available here; glibc's default behaviour stays")
     cfg = resolve_config(args, log)
     meta = metadata(cfg, argv, threads)
+    meta["malloc"] = args.malloc
     log(f"attnkern benchmark on {meta['device_name']} [{meta['device']}], torch {meta['torch']}, "
         f"triton {meta['triton']}, {threads} threads")
     log(f"backends available: {cfg['available_backends']}; timed: {cfg['backends'] or 'none (baselines only)'}")

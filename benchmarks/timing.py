@@ -13,7 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Stats", "summarize", "CpuSampler", "time_cpu", "time_cuda", "time_fn", "last_level_cache_bytes", "rotation_count"]
+__all__ = [
+    "Stats", "summarize", "CpuSampler", "time_cpu", "time_cuda", "time_fn", "last_level_cache_bytes",
+    "rotation_count", "keep_freed_memory",
+]
 
 
 @dataclass
@@ -60,6 +63,26 @@ def last_level_cache_bytes(default=32 << 20):
     except (OSError, ValueError):
         pass
     return max(sizes) if sizes else default
+
+
+def keep_freed_memory():
+    """Stops glibc from handing freed memory back to the OS (returns whether it could).
+
+    By default glibc trims the top of its heap once more than twice its (adaptive) mmap threshold is
+    free there. A forward+backward that frees two full-size tensors at the end of each call crosses
+    that line, and the next call page-faults its outputs in anew: ~1.5 us per 4 KiB page here, 2.3 ms
+    a call for two 6.4 MB tensors, more than the kernels take. Whether it happens depends on the
+    heap's history (it did for NCHW inputs but not for channels_last ones, whose conversion copies
+    left free holes), so timings swing by 2x between identical calls. A fixed mmap threshold and no
+    trimming (what jemalloc or tcmalloc do anyway) make the runs repeatable."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(libc.mallopt(m_trim_threshold, 1 << 30)) and bool(libc.mallopt(m_mmap_threshold, 32 << 20))
 
 
 def rotation_count(bytes_per_input, cache_bytes, cap=64):
