@@ -282,12 +282,14 @@ def test_gradcheck_whole_op_autograd(backend, device, training):
 
 
 def check_compiled_matches_eager(fused, shape, device):
-    """torch.compile(fullgraph=True) of a fused module against eager: output, every gradient, buffers."""
+    """torch.compile(fullgraph=True) of a fused module against eager: output, every gradient, buffers.
+    In float64: the traced graph may hand the kernels differently strided tensors, and float32 GEMMs
+    then round differently (1e-5 on BAM's BN gradients), which is not what this test is about."""
     torch._dynamo.reset()
-    fused.float()
+    fused.double()
     eager = copy.deepcopy(fused)
     compiled = torch.compile(fused, fullgraph=True)
-    x = torch.randn(shape, device=device)
+    x = torch.randn(shape, device=device, dtype=torch.float64)
     grad = torch.randn_like(x)
     xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     ya, yb = eager(xa), compiled(xb)

@@ -13,7 +13,7 @@ over x, in x's dtype; every later layer works on C/r channels in the acc dtype),
 y = bam_combine(x, Mc, Ms): one read + one write. The full-size attention is never formed.
 Backward: bam_combine_backward gives (dMc, dMs) in one pass over (grad, x); the two small stacks
 are differentiated with explicit ATen backward ops (convolution_backward,
-native_batch_norm_backward); the reduce conv's backward reads x once for its weight gradient and
+native_batch_norm_backward; the 1x1 convs, the MLP's included, are GEMMs both ways); the reduce conv's backward reads x once for its weight gradient and
 writes its input gradient (full size, x's dtype), which bam_input_grad adds into
 dx = grad * (1 + M) + d avg / HW + that partial.
 
@@ -56,13 +56,63 @@ def _padding(weight, dilation):
     return [dilation * (weight.shape[-2] // 2), dilation * (weight.shape[-1] // 2)]
 
 
+def _is_pointwise(weight):
+    return weight.shape[-2:] == (1, 1)
+
+
+def _pixel_rows(t):
+    """t (N, C, H, W) as (N*H*W, C) rows: a free view for channels_last, a copy otherwise."""
+    return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
+
+
+def _pointwise(a, weight):
+    """A 1x1 convolution (no bias) as one GEMM in the layout a is stored in. ATen's CPU conv2d is
+    slow here: ~50 us of setup even on (N, C, 1, 1) maps, and 2.5x a GEMM's time for the
+    256 -> 16 reduce conv on 2x256x56x56 (benchmarks/NOTES.md). The output keeps a's layout."""
+    n, ci, h, w = a.shape
+    matrix = weight.reshape(weight.shape[0], ci)
+    if a.is_contiguous():
+        return torch.matmul(matrix, a.view(n, ci, h * w)).view(n, -1, h, w)
+    return (_pixel_rows(a) @ matrix.t()).view(n, h, w, -1).permute(0, 3, 1, 2)
+
+
+def _pointwise_backward(grad, a, weight):
+    """(grad wrt a, grad wrt weight) of _pointwise(a, weight)."""
+    n, ci, h, w = a.shape
+    co = weight.shape[0]
+    matrix = weight.reshape(co, ci)
+    if a.is_contiguous() and grad.is_contiguous():
+        grad_rows, a_rows = grad.view(n, co, h * w), a.view(n, ci, h * w)
+        grad_a = torch.matmul(matrix.t(), grad_rows).view(n, ci, h, w)
+        grad_weight = torch.matmul(grad_rows, a_rows.transpose(1, 2)).sum(0)
+    else:
+        grad_rows, a_rows = _pixel_rows(grad), _pixel_rows(a)
+        grad_a = (grad_rows @ matrix).view(n, h, w, ci).permute(0, 3, 1, 2)
+        grad_weight = grad_rows.t() @ a_rows
+    return grad_a, grad_weight.view(weight.shape)
+
+
+def _conv_nobias(a, weight, dilation):
+    if _is_pointwise(weight):
+        return _pointwise(a, weight)
+    return F.conv2d(a, weight, None, padding=_padding(weight, dilation), dilation=dilation)
+
+
 def _conv(a, weight, bias, dilation, acc):
     """conv(a) in a's dtype, output in acc: the full-size first layer of the spatial branch reads x
     in its own dtype (no full-size upcast; the conv accumulates in float32) and adds the bias in acc."""
-    geometry = dict(padding=_padding(weight, dilation), dilation=dilation)
-    if a.dtype == acc:
-        return F.conv2d(a, weight.to(acc), bias.to(acc), **geometry)
-    return F.conv2d(a, weight.to(a.dtype), None, **geometry).to(acc) + _channel(bias.to(acc))
+    return _conv_nobias(a, weight.to(a.dtype), dilation).to(acc) + _channel(bias.to(acc))
+
+
+def _conv_backward(grad, a, weight, dilation):
+    """(grad wrt a, grad wrt weight) of _conv_nobias(a, weight, dilation)."""
+    if _is_pointwise(weight):
+        return _pointwise_backward(grad, a, weight)
+    grad_a, grad_weight, _ = torch.ops.aten.convolution_backward(
+        grad, a, weight, None, [1, 1], _padding(weight, dilation), [dilation, dilation], False, [0, 0], 1,
+        [True, True, False],
+    )
+    return grad_a, grad_weight
 
 
 class _BN(NamedTuple):
@@ -137,10 +187,7 @@ def _stack_backward(grad_logits, inp, weights, biases, bns, hidden, dilation, ac
             else:
                 conv_weight = weight * scale.view(-1, 1, 1, 1)
         a_in = acts[k]
-        grad_in, grad_weight, _ = torch.ops.aten.convolution_backward(
-            g.to(a_in.dtype), a_in, conv_weight.to(a_in.dtype), None, [1, 1], _padding(weight, dilation),
-            [dilation, dilation], False, [0, 0], 1, [True, True, False],
-        )
+        grad_in, grad_weight = _conv_backward(g.to(a_in.dtype), a_in, conv_weight.to(a_in.dtype), dilation)
         grad_weight = grad_weight.to(acc)
         if bn is not None and bn.training:
             # A bias before a batch-statistics BN cancels out of the output: its gradient is exactly
