@@ -211,3 +211,37 @@ def test_spatial_conv(backend, device):
             ref_pooled, ref_weight = reference("spatial_conv_backward", grad, pooled, weight)
             expect_close(grad_pooled, ref_pooled, dtype, f"conv grad_pooled {h}x{w} k{size}")
             expect_close(grad_weight, ref_weight, dtype, f"conv grad_weight {h}x{w} k{size}")
+
+
+@pytest.mark.parametrize("backend,device", PAIRS)
+def test_spatial_conv_strided_inputs_and_determinism(backend, device):
+    k = get_kernels(backend)
+    g = torch.Generator().manual_seed(3)
+    wide = torch.randn(2, 2, 9, 14, generator=g, dtype=torch.float64).to(device)
+    pooled = wide[:, :, :, ::2]  # every other column: not contiguous
+    weight = torch.randn(1, 2, 7, 7, generator=g, dtype=torch.float64).to(device).transpose(2, 3)
+    grad = torch.randn(2, 1, 9, 7, generator=g, dtype=torch.float64).to(device).transpose(2, 3)
+    pooled = pooled.transpose(2, 3)  # (2, 2, 7, 9) with odd strides
+    expect_close(k.spatial_conv(pooled, weight, None), reference("spatial_conv", pooled, weight, None), torch.float64, "conv")
+    first = k.spatial_conv_backward(grad, pooled, weight)
+    for got, want, name in zip(first, reference("spatial_conv_backward", grad, pooled, weight), ("grad_pooled", "grad_weight")):
+        expect_close(got, want, torch.float64, f"conv {name}")
+    second = k.spatial_conv_backward(grad, pooled, weight)
+    assert all(torch.equal(a, b) for a, b in zip(first, second)), "spatial_conv_backward is not deterministic"
+
+
+@pytest.mark.parametrize("backend,device", [p for p in PAIRS if p.values[0] != "torch"])
+def test_spatial_conv_rejects_bad_input(backend, device):
+    k = get_kernels(backend)
+    pooled = torch.randn(2, 2, 5, 5, device=device)
+    bad = [
+        (pooled, torch.randn(1, 2, 4, 4, device=device), "(?i)odd|k"),  # even kernel
+        (pooled, torch.randn(1, 3, 7, 7, device=device), "(?i)weight|channel|cin"),  # wrong Cin
+        (pooled, torch.randn(1, 2, 7, 7, device=device, dtype=torch.float64), "(?i)dtype|float"),  # mixed dtypes
+        (pooled[0], torch.randn(1, 2, 7, 7, device=device), "(?i)4-d|dim|rank"),  # 3-D map
+    ]
+    for p, w, match in bad:
+        with pytest.raises((RuntimeError, ValueError, TypeError), match=match):
+            k.spatial_conv(p, w, None)
+    with pytest.raises((RuntimeError, ValueError, TypeError), match="(?i)bias|element"):
+        k.spatial_conv(pooled, torch.randn(1, 2, 7, 7, device=device), torch.randn(2, device=device))
