@@ -93,6 +93,11 @@ class CbamFused : public torch::autograd::Function<CbamFused> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    // The backward op has no derivative: refuse create_graph rather than return gradients that
+    // silently drop CBAM's second-order terms (as the Python op's autograd refuses it too).
+    TORCH_CHECK(!at::GradMode::is_enabled(),
+                "attnkern::cbam_fused_forward: double backward (create_graph=True) is not supported; "
+                "use backend='torch' reference modules (attnkern.reference) for higher-order gradients");
     const auto saved = ctx->get_saved_variables();
     const Tensor& x = saved[0];
     std::array<OptTensor, 10> params;  // fc1 w/b, fc2 w/b, conv w/b, bn w/b, running mean/var

@@ -281,6 +281,16 @@ def test_gradcheck_whole_op_autograd(backend, device, training):
     assert torch.autograd.gradcheck(f, [args[i] for i in DIFFERENTIABLE], eps=1e-6, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("backend,device", PAIRS)
+def test_double_backward_is_refused(backend, device):
+    """No backend differentiates its backward: create_graph must fail loudly, not drop terms."""
+    fused = attnkern.CBAM(8, 2, backend=backend).to(device)
+    x = torch.randn(2, 8, 5, 5, device=device, requires_grad=True)
+    with pytest.raises(RuntimeError, match="(?i)double backward|no autograd formula"):
+        (grad,) = torch.autograd.grad(fused(x).square().sum(), x, create_graph=True)
+        grad.sum().backward()
+
+
 def check_compiled_matches_eager(fused, shape, device):
     """torch.compile(fullgraph=True) of a fused module against eager: output, every gradient, buffers.
     In float64: the traced graph may hand the kernels differently strided tensors, and float32 GEMMs

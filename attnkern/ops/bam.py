@@ -13,9 +13,10 @@ over x, in x's dtype; every later layer works on C/r channels in the acc dtype),
 y = bam_combine(x, Mc, Ms): one read + one write. The full-size attention is never formed.
 Backward: bam_combine_backward gives (dMc, dMs) in one pass over (grad, x); the two small stacks
 are differentiated with explicit ATen backward ops (convolution_backward,
-native_batch_norm_backward; the 1x1 convs, the MLP's included, are GEMMs both ways); the reduce conv's backward reads x once for its weight gradient and
+native_batch_norm_backward); the reduce conv's backward reads x once for its weight gradient and
 writes its input gradient (full size, x's dtype), which bam_input_grad adds into
-dx = grad * (1 + M) + d avg / HW + that partial.
+dx = grad * (1 + M) + d avg / HW + that partial. The 1x1 convs (the MLP's included) are GEMMs,
+forward and backward (_pointwise).
 
 BatchNorm: in training each BN normalises with batch statistics, which the op returns (biased
 variance) for the module to fold into its running buffers; the op never mutates (and the bias of the
