@@ -231,6 +231,7 @@ def test_opcheck_compiled_kernels(backend, device):
     weight = torch.randn(1, 2, 7, 7, generator=g, dtype=torch.float64).to(device)
     torch.library.opcheck(ops.spatial_conv.default, (gp, weight, weight[0, 0, 0, :1]))
     torch.library.opcheck(ops.spatial_conv_backward.default, (gp[:, :1], gp, weight))
+    torch.library.opcheck(ops.spatial_conv_backward.default, (gp[:, :1], gp.transpose(2, 3).contiguous().transpose(2, 3), weight))
     for xx, gg in ((x, grad), (x.to(memory_format=torch.channels_last), grad.to(memory_format=torch.channels_last))):
         torch.library.opcheck(ops.channel_pool.default, (xx,))
         torch.library.opcheck(ops.spatial_pool.default, (xx, gate))

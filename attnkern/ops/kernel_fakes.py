@@ -46,7 +46,8 @@ def _register():
 
     @fake("attnkern::spatial_conv_backward")
     def _(grad, pooled, weight):
-        return torch.empty_like(pooled), torch.empty_like(weight)
+        # Contiguous, as every kernel returns them (empty_like would copy a strided input's strides).
+        return pooled.new_empty(pooled.shape), weight.new_empty(weight.shape)
 
     @fake("attnkern::bam_combine")
     def _(x, channel_att, spatial_att, product):
