@@ -160,41 +160,23 @@ void bam_backward_impl(const at::Tensor& grad, const XInfo& xi, const at::Tensor
                        bool product, at::Tensor& grad_channel, at::Tensor& grad_spatial) {
   using acc = acc_type<scalar_t>;
   const int device = xi.x.get_device();
-  const int64_t sms = sm_count(device);
   const int64_t A = NHWC ? xi.HW : xi.C;
   const int64_t B = NHWC ? xi.C : xi.HW;
-  const int64_t nvb = ceil_div(B, VEC);
-  int TX = 1;
-  while (TX < kWarp && TX < nvb) TX *= 2;
-  const int TY = kBlock / TX;
-  const int64_t tiles_b = ceil_div(B, static_cast<int64_t>(TX) * VEC);
-  const int64_t base_blocks = xi.N * tiles_b;
-  int64_t S = 1, seg = A;
-  if (base_blocks < 2 * sms) {  // few column tiles: split A to fill the GPU
-    const int64_t want = ceil_div(4 * sms, base_blocks);
-    const int64_t most = std::max<int64_t>(1, A / (2 * static_cast<int64_t>(TY)));
-    S = std::min(want, most);
-    if (S > 1) {
-      seg = ceil_div(A, S);
-      S = ceil_div(A, seg);
-    }
-  }
+  const OuterPlan plan = outer_plan(xi.N, A, B, VEC, device, 2);
   // Row results are per (n, a), column results per (n, b); which of grad_channel / grad_spatial
   // they are depends on the layout. With one tile / one segment the partials are the outputs.
   at::Tensor& row_out = NHWC ? grad_spatial : grad_channel;
   at::Tensor& col_out = NHWC ? grad_channel : grad_spatial;
   const auto opts = row_out.options();
-  at::Tensor row_part = tiles_b == 1 ? row_out : at::empty({xi.N * A * tiles_b}, opts);
-  at::Tensor col_part = S == 1 ? col_out : at::empty({xi.N * B * S}, opts);
-  const int64_t total = base_blocks * S;
-  const int64_t blocks = std::max<int64_t>(1, std::min(total, grid_cap(device)));
-  bam_backward_kernel<scalar_t, VEC, NHWC><<<static_cast<unsigned>(blocks), kBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(
+  at::Tensor row_part = plan.tiles_b == 1 ? row_out : at::empty({xi.N * A * plan.tiles_b}, opts);
+  at::Tensor col_part = plan.S == 1 ? col_out : at::empty({xi.N * B * plan.S}, opts);
+  bam_backward_kernel<scalar_t, VEC, NHWC><<<static_cast<unsigned>(plan.blocks), kBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(
       grad.const_data_ptr<scalar_t>(), xi.x.const_data_ptr<scalar_t>(), ca.const_data_ptr<acc>(),
-      sa.const_data_ptr<acc>(), product, xi.N, A, B, TX, tiles_b, S, seg, row_part.mutable_data_ptr<acc>(),
-      col_part.mutable_data_ptr<acc>());
+      sa.const_data_ptr<acc>(), product, xi.N, A, B, plan.TX, plan.tiles_b, plan.S, plan.seg,
+      row_part.mutable_data_ptr<acc>(), col_part.mutable_data_ptr<acc>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (tiles_b > 1) launch_sum_partials<acc>(row_part, row_out, xi.N * A, tiles_b, device);
-  if (S > 1) launch_sum_partials<acc>(col_part, col_out, xi.N * B, S, device);
+  if (plan.tiles_b > 1) launch_sum_partials<acc>(row_part, row_out, xi.N * A, plan.tiles_b, device);
+  if (plan.S > 1) launch_sum_partials<acc>(col_part, col_out, xi.N * B, plan.S, device);
 }
 
 struct Attention {

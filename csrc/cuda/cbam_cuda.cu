@@ -396,32 +396,14 @@ void reduce_inner_impl(const scalar_t* x, const scalar_t* g, const Op& op, const
 // Reduce over the outer dim A of x viewed as [N][A][B]; results per (n, b).
 template <typename scalar_t, typename Op, bool NHWC, int VEC>
 void reduce_outer_impl(const scalar_t* x, const scalar_t* g, const Op& op, const XInfo& xi, int64_t A, int64_t B) {
-  const int device = xi.x.get_device();
-  const int64_t sms = sm_count(device);
-  const int64_t nvb = ceil_div(B, VEC);  // vectors per row
-  int TX = 1;
-  while (TX < kWarp && TX < nvb) TX *= 2;
-  const int TY = kBlock / TX;
-  const int64_t tiles_b = ceil_div(B, static_cast<int64_t>(TX) * VEC);
-  const int64_t base_blocks = xi.N * tiles_b;
-  int64_t S = 1, seg = A;
-  if (base_blocks < 2 * sms) {  // few column tiles: split A to fill the GPU
-    const int64_t want = ceil_div(4 * sms, base_blocks);
-    const int64_t most = std::max<int64_t>(1, A / (4 * static_cast<int64_t>(TY)));
-    S = std::min(want, most);
-    if (S > 1) {
-      seg = ceil_div(A, S);
-      S = ceil_div(A, seg);
-    }
-  }
-  const int64_t total = base_blocks * S;
-  const int64_t blocks = std::max<int64_t>(1, std::min(total, grid_cap(device)));
+  const OuterPlan plan = outer_plan(xi.N, A, B, VEC, xi.x.get_device(), 4);
+  const int64_t S = plan.S;
   using acc = typename Op::acc_t;
   Partials p;
   if (S > 1) p = make_partials<Op>(xi, xi.N * B * S);
   outer_reduce_kernel<scalar_t, Op, VEC, NHWC>
-      <<<static_cast<unsigned>(blocks), kBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(
-          x, g, op, xi.N, A, B, TX, tiles_b, S, seg, S > 1 ? p.sum.data_ptr<acc>() : nullptr,
+      <<<static_cast<unsigned>(plan.blocks), kBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(
+          x, g, op, xi.N, A, B, plan.TX, plan.tiles_b, S, plan.seg, S > 1 ? p.sum.data_ptr<acc>() : nullptr,
           S > 1 && Op::kMax ? p.max.data_ptr<acc>() : nullptr, S > 1 && Op::kMax ? p.arg.data_ptr<int>() : nullptr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (S > 1) launch_finalize(op, p, xi, xi.N * B, B, S);

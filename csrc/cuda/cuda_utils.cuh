@@ -103,6 +103,38 @@ inline int sm_count(int device) {
 
 inline int64_t grid_cap(int device) { return static_cast<int64_t>(sm_count(device)) * kBlocksPerSm; }
 
+// Launch shape of a reduction over the outer dim A of [N][A][B] with columns B innermost: a block
+// of TX x TY threads (TX a power of two, at most a warp, TX * TY = kBlock) owns a tile of
+// TX * vec columns of one sample and a segment of `seg` rows of A; S segments per tile. A is split
+// only when the column tiles alone leave the GPU short of blocks, and never into segments of fewer
+// than min_row_steps * TY rows. N * B > 0.
+struct OuterPlan {
+  int TX;
+  int64_t tiles_b, S, seg, blocks;
+};
+
+inline OuterPlan outer_plan(int64_t N, int64_t A, int64_t B, int vec, int device, int64_t min_row_steps) {
+  const int64_t sms = sm_count(device);
+  const int64_t nvb = ceil_div(B, vec);  // vectors per row
+  int TX = 1;
+  while (TX < kWarp && TX < nvb) TX *= 2;
+  const int TY = kBlock / TX;
+  const int64_t tiles_b = ceil_div(B, static_cast<int64_t>(TX) * vec);
+  const int64_t base_blocks = N * tiles_b;
+  int64_t S = 1, seg = A;
+  if (base_blocks < 2 * sms) {  // few column tiles: split A to fill the GPU
+    const int64_t want = ceil_div(4 * sms, base_blocks);
+    const int64_t most = std::max<int64_t>(1, A / (min_row_steps * TY));
+    S = std::min(want, most);
+    if (S > 1) {
+      seg = ceil_div(A, S);
+      S = ceil_div(A, seg);
+    }
+  }
+  const int64_t blocks = std::max<int64_t>(1, std::min(base_blocks * S, grid_cap(device)));
+  return {TX, tiles_b, S, seg, blocks};
+}
+
 // ---------------------------------------------------------------------------------------------
 // Host-side checks and layout
 // ---------------------------------------------------------------------------------------------
