@@ -65,8 +65,9 @@ void correlate_padded(const T* padded, int64_t in_channels, const T* taps, T* ou
 }
 
 // One tap row of grad_weight: acc[j * lanes ...] (a vector of partial sums per j) = the sum of
-// g[n,h,w] * padded[n,c,h+i,w+j] over the batch and the rows. kTaps > 0 fixes k at compile time, so that the k accumulators stay
-// in registers (with a runtime k they go through memory, and each FMA waits for the last store).
+// g[n,h,w] * padded[n,c,h+i,w+j] over the batch and the rows. kTaps > 0 fixes k at compile time,
+// so that the k accumulators stay in registers (with a runtime k they go through memory, and each
+// FMA waits for the last store).
 template <typename T, int64_t kTaps>
 void tap_row_sums(const T* padded_grad, const T* padded, T* acc, int64_t c, int64_t i,
                   int64_t batch, int64_t cin, int64_t height, int64_t width, int64_t k_runtime,
@@ -76,8 +77,11 @@ void tap_row_sums(const T* padded_grad, const T* padded, T* acc, int64_t c, int6
   const int64_t pad = k / 2;
   constexpr int64_t L = Vec::size();
   Vec sums[kTaps > 0 ? kTaps : 1];
-  for (auto& v : sums) v = Vec(T(0));
-  std::fill(acc, acc + k * L, T(0));
+  if constexpr (kTaps > 0) {
+    for (auto& v : sums) v = Vec(T(0));
+  } else {
+    std::fill(acc, acc + k * L, T(0));
+  }
   for (int64_t n = 0; n < batch; ++n) {
     for (int64_t h = 0; h < height; ++h) {
       const T* g_row = padded_grad + (n * padded_height + h + pad) * padded_width + pad;
