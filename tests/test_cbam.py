@@ -8,7 +8,7 @@ import torch
 
 import attnkern
 from attnkern import reference
-from attnkern.backends import get_kernels
+from attnkern.backends import has_whole_op
 from conftest import TOLERANCES, backend_device_pairs, interpreted_triton, kernel_dtypes
 from test_reference import check_rejects_bad_input
 
@@ -245,7 +245,7 @@ def test_opcheck_compiled_kernels(backend, device):
             torch.library.opcheck(ops.bam_input_grad.default, (gg, xx, gate, smap, product, gate, gg))
 
 
-WHOLE_OP_PAIRS = [p for p in PAIRS if get_kernels(p.values[0]).cbam_fused_forward is not None]
+WHOLE_OP_PAIRS = [p for p in PAIRS if has_whole_op(p.values[0])]
 
 
 @pytest.mark.parametrize("backend,device", WHOLE_OP_PAIRS)

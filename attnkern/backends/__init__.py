@@ -34,31 +34,16 @@ KERNEL_NAMES = (
     "bam_input_grad",
 )
 
-# Whole-op kernels: one call for a fused module's entire forward or backward (same contract as
-# attnkern::cbam / attnkern::cbam_backward without the backend). Optional: a backend without them
-# runs the composition of the kernels above in attnkern/ops/.
-WHOLE_OP_NAMES = ("cbam_fused_forward", "cbam_fused_backward")
-
 
 def _with_fallbacks(kernels):
-    """A backend's kernels, with the torch definition standing in for any it does not implement
-    (and None for a whole-op kernel it lacks)."""
-    return types.SimpleNamespace(
-        **{name: kernels.get(name, getattr(torch_kernels, name)) for name in KERNEL_NAMES},
-        **{name: kernels.get(name) for name in WHOLE_OP_NAMES},
-    )
-
-
-@functools.cache
-def _torch_kernels():
-    return _with_fallbacks({})
+    """A backend's kernels, with the torch definition standing in for any it does not implement."""
+    return types.SimpleNamespace(**{name: kernels.get(name, getattr(torch_kernels, name)) for name in KERNEL_NAMES})
 
 
 @functools.cache
 def _compiled_kernels(dispatch_key):
     ops = torch.ops.attnkern
-    names = KERNEL_NAMES + WHOLE_OP_NAMES
-    return _with_fallbacks({n: getattr(ops, n) for n in names if _extension.has_kernel(dispatch_key, n)})
+    return _with_fallbacks({n: getattr(ops, n) for n in KERNEL_NAMES if _extension.has_kernel(dispatch_key, n)})
 
 
 def triton_interpreted():
@@ -108,8 +93,10 @@ _AVAILABLE = {
 }
 
 
-# The compiled backends with whole-op kernels, decided at import like _AVAILABLE.
-_WHOLE_OP = frozenset(b for b in ("cpu", "cuda") if _extension.has_kernel(b.upper(), WHOLE_OP_NAMES[0]))
+# The compiled backends with whole-op kernels (attnkern::cbam_fused_forward / _backward: a fused
+# module's entire forward or backward in one call, see csrc/ops.cpp), decided at import like
+# _AVAILABLE. The others run the composition of the kernels above in attnkern/ops/.
+_WHOLE_OP = frozenset(b for b in ("cpu", "cuda") if _extension.has_kernel(b.upper(), "cbam_fused_forward"))
 
 
 def has_whole_op(backend):
@@ -151,7 +138,7 @@ def resolve(backend, device):
 def get_kernels(backend):
     """The kernel namespace of a concrete backend name."""
     if backend == "torch":
-        return _torch_kernels()
+        return torch_kernels
     if backend in ("cpu", "cuda"):
         return _compiled_kernels(backend.upper())
     if backend == "triton":

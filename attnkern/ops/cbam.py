@@ -50,12 +50,12 @@ def cbam(
     bn_training: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    kernels = get_kernels(backend)
-    if kernels.cbam_fused_forward is not None:
-        return kernels.cbam_fused_forward(
+    if has_whole_op(backend):
+        return torch.ops.attnkern.cbam_fused_forward(
             x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, use_avg, use_max, conv_weight, conv_bias,
             bn_weight, bn_bias, bn_running_mean, bn_running_var, bn_eps, bn_training,
         )
+    kernels = get_kernels(backend)
     x = dense(x)
     n, c, h, w = x.shape
     acc = acc_dtype(x.dtype)
@@ -133,13 +133,13 @@ def cbam_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (dx, d fc1_weight, d fc1_bias, d fc2_weight, d fc2_bias, d conv_weight, d conv_bias,
     d bn_weight, d bn_bias); an empty tensor for each absent parameter."""
-    kernels = get_kernels(backend)
-    if kernels.cbam_fused_backward is not None:
-        return kernels.cbam_fused_backward(
+    if has_whole_op(backend):
+        return torch.ops.attnkern.cbam_fused_backward(
             grad, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, conv_weight, conv_bias, bn_weight, bn_bias,
             bn_running_mean, bn_running_var, bn_eps, bn_training, pools, channel_argmax, channel_gate, pooled,
             spatial_argmax, spatial_gate, conv_out, use_avg, use_max,
         )
+    kernels = get_kernels(backend)
     x = dense(x)
     grad = like_x(grad, x)
     acc = acc_dtype(x.dtype)
