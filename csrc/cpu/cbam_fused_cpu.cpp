@@ -132,7 +132,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> spatial_backward(const Tensor
 // x in the layout the kernels take natively (a copy only for other strides), so that each pass
 // does not make its own.
 Tensor dense(const Tensor& x) {
-  TORCH_CHECK(x.dim() == 4, "attnkern::cbam_fused: x must be 4-D (N, C, H, W), got ", x.dim(), "-D");
+  check_full("attnkern::cbam_fused", "x", x);
   return in_layout(x, layout_of(x));
 }
 
