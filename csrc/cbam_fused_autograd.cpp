@@ -24,15 +24,15 @@ ForwardOutputs call_forward(const Tensor& x, const OptTensor& fc1_weight, const 
                             const OptTensor& fc2_weight, const OptTensor& fc2_bias, bool use_avg, bool use_max,
                             const OptTensor& conv_weight, const OptTensor& conv_bias, const OptTensor& bn_weight,
                             const OptTensor& bn_bias, const OptTensor& bn_running_mean,
-                            const OptTensor& bn_running_var, double bn_eps, bool bn_training) {
+                            const OptTensor& bn_running_var, double bn_eps, bool bn_training, bool need_argmax) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("attnkern::cbam_fused_forward", "")
                        .typed<ForwardOutputs(const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
                                              const OptTensor&, bool, bool, const OptTensor&, const OptTensor&,
                                              const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
-                                             double, bool)>();
+                                             double, bool, bool)>();
   return op.call(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, use_avg, use_max, conv_weight, conv_bias, bn_weight,
-                 bn_bias, bn_running_mean, bn_running_var, bn_eps, bn_training);
+                 bn_bias, bn_running_mean, bn_running_var, bn_eps, bn_training, need_argmax);
 }
 
 BackwardOutputs call_backward(const Tensor& grad, const Tensor& x, const OptTensor& fc1_weight,
@@ -67,12 +67,12 @@ class CbamFused : public torch::autograd::Function<CbamFused> {
                                bool use_avg, bool use_max, const OptTensor& conv_weight, const OptTensor& conv_bias,
                                const OptTensor& bn_weight, const OptTensor& bn_bias,
                                const OptTensor& bn_running_mean, const OptTensor& bn_running_var, double bn_eps,
-                               bool bn_training) {
+                               bool bn_training, bool need_argmax) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [y, pools, channel_argmax, channel_gate, pooled, spatial_argmax, spatial_gate, conv_out, batch_mean,
           batch_var] = call_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, use_avg, use_max, conv_weight,
                                     conv_bias, bn_weight, bn_bias, bn_running_mean, bn_running_var, bn_eps,
-                                    bn_training);
+                                    bn_training, need_argmax);
     // Training-mode BN normalises with batch statistics (recomputed in backward), so the running
     // buffers are saved only when they are used.
     const Tensor none;
@@ -105,7 +105,7 @@ class CbamFused : public torch::autograd::Function<CbamFused> {
       params[i] = present(saved[1 + i]);
     }
     // Every input gets a gradient slot; only the present parameters get a gradient.
-    variable_list result(15);
+    variable_list result(16);
     if (!grads[0].defined()) {
       return result;
     }
@@ -141,10 +141,17 @@ ForwardOutputs cbam_fused_forward_autograd(const Tensor& x, const OptTensor& fc1
                                            bool use_max, const OptTensor& conv_weight, const OptTensor& conv_bias,
                                            const OptTensor& bn_weight, const OptTensor& bn_bias,
                                            const OptTensor& bn_running_mean, const OptTensor& bn_running_var,
-                                           double bn_eps, bool bn_training) {
+                                           double bn_eps, bool bn_training, bool need_argmax) {
+  // The backward reads the argmaxes: compute them whenever this call records one.
+  bool records_backward = x.requires_grad();
+  for (const OptTensor* p :
+       {&fc1_weight, &fc1_bias, &fc2_weight, &fc2_bias, &conv_weight, &conv_bias, &bn_weight, &bn_bias}) {
+    records_backward = records_backward || (p->has_value() && (*p)->requires_grad());
+  }
+  records_backward = records_backward && at::GradMode::is_enabled();
   const auto out = CbamFused::apply(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, use_avg, use_max, conv_weight,
                                     conv_bias, bn_weight, bn_bias, bn_running_mean, bn_running_var, bn_eps,
-                                    bn_training);
+                                    bn_training, need_argmax || records_backward);
   return {out[0], out[1], out[2], out[3], out[4], out[5], out[6], out[7], out[8], out[9]};
 }
 

@@ -34,10 +34,13 @@ TORCH_LIBRARY(attnkern, m) {
   m.def("spatial_conv_backward(Tensor grad, Tensor pooled, Tensor weight) -> (Tensor grad_pooled, Tensor grad_weight)");
   // Whole-op kernels (optional per backend): the fused module's entire forward / backward in one
   // call, with the contract of the Python ops attnkern::cbam / attnkern::cbam_backward
-  // (attnkern/ops/cbam.py) minus their backend argument.
+  // (attnkern/ops/cbam.py) minus their backend argument. The forward's need_argmax false leaves
+  // channel_argmax and spatial_argmax empty (a forward no backward follows skips their
+  // bookkeeping); its autograd kernel sets it whenever it records a backward.
   m.def("cbam_fused_forward(Tensor x, Tensor? fc1_weight, Tensor? fc1_bias, Tensor? fc2_weight, Tensor? fc2_bias, "
         "bool use_avg, bool use_max, Tensor? conv_weight, Tensor? conv_bias, Tensor? bn_weight, Tensor? bn_bias, "
-        "Tensor? bn_running_mean, Tensor? bn_running_var, float bn_eps, bool bn_training) -> (Tensor y, Tensor pools, "
+        "Tensor? bn_running_mean, Tensor? bn_running_var, float bn_eps, bool bn_training, bool need_argmax) -> "
+        "(Tensor y, Tensor pools, "
         "Tensor channel_argmax, Tensor channel_gate, Tensor pooled, Tensor spatial_argmax, Tensor spatial_gate, "
         "Tensor conv_out, Tensor batch_mean, Tensor batch_var)");
   m.def("cbam_fused_backward(Tensor grad, Tensor x, Tensor? fc1_weight, Tensor? fc1_bias, Tensor? fc2_weight, "

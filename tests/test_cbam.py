@@ -254,16 +254,19 @@ def test_opcheck_whole_op_kernels(backend, device, variant):
     """The whole-op kernels, their fakes and the forward's C++ autograd (csrc/cbam_fused_autograd.cpp)."""
     args = list(small_op_args(device, training=variant == "train", spatial=variant != "channel_only", channel=variant != "spatial_only"))
     ops = torch.ops.attnkern
-    saved = ops.cbam_fused_forward(*args)[1:8]
+    saved = ops.cbam_fused_forward(*args, True)[1:8]
     x, fc1w, fc1b, fc2w, fc2b, use_avg, use_max, *spatial, eps, training = args
     grad = torch.randn_like(x)
     torch.library.opcheck(
         ops.cbam_fused_backward.default, (grad, x, fc1w, fc1b, fc2w, fc2b, *spatial, eps, training, *saved, use_avg, use_max)
     )
+    for need_argmax in (False, True):
+        torch.library.opcheck(ops.cbam_fused_forward.default, (*args, need_argmax))
     for i in DIFFERENTIABLE:
         if args[i] is not None:
             args[i].requires_grad_(True)
-    torch.library.opcheck(ops.cbam_fused_forward.default, args)
+    for need_argmax in (False, True):
+        torch.library.opcheck(ops.cbam_fused_forward.default, (*args, need_argmax))
 
 
 @pytest.mark.parametrize("backend,device", WHOLE_OP_PAIRS)
@@ -277,9 +280,45 @@ def test_gradcheck_whole_op_autograd(backend, device, training):
         full = list(args)
         for i, t in zip(DIFFERENTIABLE, inputs):
             full[i] = t
-        return torch.ops.attnkern.cbam_fused_forward(*full)[0]
+        # need_argmax=False, as the modules call it: the autograd kernel must turn it on.
+        return torch.ops.attnkern.cbam_fused_forward(*full, False)[0]
 
     assert torch.autograd.gradcheck(f, [args[i] for i in DIFFERENTIABLE], eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend,device", WHOLE_OP_PAIRS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("shape", [(2, 6, 5, 4), (3, 40, 13, 17), (1, 300, 3, 3)])
+def test_whole_op_forward_without_argmax(backend, device, dtype, channels_last, shape):
+    """need_argmax=False (inference) takes other pooling loops: same outputs, argmaxes empty, and
+    NaN still maximal in both max pools. With inputs that require grad, the argmaxes are back."""
+    args = list(small_op_args(device, dtype=torch.float64))
+    n, c, h, w = shape
+    g = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(shape, generator=g).to(device=device, dtype=dtype)
+    x[0, c // 2, h // 2, w - 1] = float("nan")
+    x[-1, : c // 2, 0, 0] = 3.0  # ties in the spatial max
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    hidden = max(1, c // 4)
+    args[0] = x
+    args[1:5] = [torch.randn(hidden, c, generator=g), torch.randn(hidden, generator=g),
+                 torch.randn(c, hidden, generator=g), torch.randn(c, generator=g)]
+    args[1:5] = [t.to(device=device, dtype=dtype) for t in args[1:5]]
+    args[7:13] = [None if t is None else t.to(device=device, dtype=dtype) for t in args[7:13]]
+    ops = torch.ops.attnkern
+    with torch.no_grad():
+        full = ops.cbam_fused_forward(*args, True)
+        lean = ops.cbam_fused_forward(*args, False)
+    for i, (a, b) in enumerate(zip(full, lean)):
+        if i in (2, 5):  # channel_argmax, spatial_argmax
+            assert a.numel() > 0 and b.numel() == 0
+        else:
+            torch.testing.assert_close(b, a, rtol=0, atol=0, equal_nan=True)
+    assert torch.isnan(lean[1][1, 0, c // 2]) and torch.isnan(lean[4][0, 1, h // 2, w - 1])
+    x.requires_grad_(True)
+    assert ops.cbam_fused_forward(*args, False)[5].shape == (n, h, w)
 
 
 @pytest.mark.parametrize("backend,device", PAIRS)

@@ -16,6 +16,10 @@ SHAPES = [
     (1, 1, 4, 6),
     (2, 130, 3, 11),
     (0, 4, 3, 3),
+    # The CPU kernels' work splits: several HW tiles per plane (96 * 96 > 4096 pixels), one sample
+    # cut into chunks for two threads (merged partial max / argmax), C in several 256-column blocks.
+    (1, 8, 96, 96),
+    (2, 300, 9, 9),
 ]
 SMALL_SHAPES = [(2, 3, 7, 7), (1, 5, 13, 17), (3, 6, 1, 1), (1, 1, 4, 6), (2, 33, 3, 5)]
 MEMORY_FORMATS = [torch.contiguous_format, torch.channels_last]

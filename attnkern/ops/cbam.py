@@ -8,7 +8,8 @@ Backward, three passes over (grad, x):
 Only x and (N, C)- or (N, H, W)-sized tensors are saved; never the full-size x * Mc.
 
 A backend with whole-op kernels (cbam_fused_forward / cbam_fused_backward: the C++ CPU backend)
-runs each direction as one call instead of this composition.
+runs each direction as one call instead of this composition; called directly (cbam_op), that
+forward skips the max pools' argmaxes when no backward will read them.
 
 Outputs: y, then what backward needs: pools (P, N, C) (the used ones of avg, max), channel_argmax
 (N, C) when the max pool is used, channel_gate, pooled, spatial_argmax, spatial_gate, conv_out, and
@@ -53,7 +54,7 @@ def cbam(
     if has_whole_op(backend):
         return torch.ops.attnkern.cbam_fused_forward(
             x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, use_avg, use_max, conv_weight, conv_bias,
-            bn_weight, bn_bias, bn_running_mean, bn_running_var, bn_eps, bn_training,
+            bn_weight, bn_bias, bn_running_mean, bn_running_var, bn_eps, bn_training, True,
         )
     kernels = get_kernels(backend)
     x = dense(x)
@@ -83,7 +84,16 @@ def cbam(
 
 @cbam.register_fake
 def _cbam_fake(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, use_avg, use_max, conv_weight, conv_bias,
-               bn_weight, bn_bias, bn_running_mean, bn_running_var, bn_eps, bn_training, backend=None):
+               bn_weight, bn_bias, bn_running_mean, bn_running_var, bn_eps, bn_training, backend):
+    return _forward_outputs_like(x, fc1_weight, use_avg, use_max, conv_weight, bn_weight, bn_training, need_argmax=True)
+
+
+def _cbam_fused_fake(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, use_avg, use_max, conv_weight, conv_bias,
+                     bn_weight, bn_bias, bn_running_mean, bn_running_var, bn_eps, bn_training, need_argmax):
+    return _forward_outputs_like(x, fc1_weight, use_avg, use_max, conv_weight, bn_weight, bn_training, need_argmax)
+
+
+def _forward_outputs_like(x, fc1_weight, use_avg, use_max, conv_weight, bn_weight, bn_training, need_argmax):
     n, c, h, w = x.shape
     acc = acc_dtype(x.dtype)
     has_channel, has_spatial = fc1_weight is not None, conv_weight is not None
@@ -92,10 +102,10 @@ def _cbam_fake(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, use_avg, use_max, 
     return (
         torch.empty_like(dense(x)),
         x.new_empty((num_pools, n, c), dtype=acc),
-        x.new_empty((n, c) if has_channel and use_max else (0,), dtype=torch.long),
+        x.new_empty((n, c) if has_channel and use_max and need_argmax else (0,), dtype=torch.long),
         x.new_empty((n, c), dtype=acc),
         x.new_empty((n, 2, h, w) if has_spatial else (0,), dtype=acc),
-        x.new_empty((n, h, w) if has_spatial else (0,), dtype=torch.long),
+        x.new_empty((n, h, w) if has_spatial and need_argmax else (0,), dtype=torch.long),
         x.new_empty((n, h, w) if has_spatial else (0,), dtype=acc),
         x.new_empty((n, 1, h, w) if has_spatial else (0,), dtype=acc),
         x.new_empty((stats,), dtype=acc),
@@ -181,7 +191,7 @@ def _cbam_backward_fake(grad, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, con
 
 # The whole-op kernels share these ops' contracts (minus the backend), so their fakes too.
 if _extension.LOAD_ERROR is None:
-    torch.library.register_fake("attnkern::cbam_fused_forward", _cbam_fake)
+    torch.library.register_fake("attnkern::cbam_fused_forward", _cbam_fused_fake)
     torch.library.register_fake("attnkern::cbam_fused_backward", _cbam_backward_fake)
 
 
@@ -218,5 +228,6 @@ def cbam_op(*args, backend):
     op carries its autograd in C++ (csrc/cbam_fused_autograd.cpp): the custom op's Python autograd
     wrapper costs ~0.1 ms a call, more than the CPU kernels at small ResNet sizes."""
     if has_whole_op(backend):
-        return torch.ops.attnkern.cbam_fused_forward(*args)
+        # need_argmax=False: the op's autograd kernel computes the argmaxes when a backward follows.
+        return torch.ops.attnkern.cbam_fused_forward(*args, False)
     return cbam(*args, backend)

@@ -142,7 +142,8 @@ ForwardOutputs cbam_fused_forward_cpu(const Tensor& x_in, const optional<Tensor>
                                       const optional<Tensor>& conv_weight, const optional<Tensor>& conv_bias,
                                       const optional<Tensor>& bn_weight, const optional<Tensor>& bn_bias,
                                       const optional<Tensor>& bn_running_mean,
-                                      const optional<Tensor>& bn_running_var, double bn_eps, bool bn_training) {
+                                      const optional<Tensor>& bn_running_var, double bn_eps, bool bn_training,
+                                      bool need_argmax) {
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);  // the small math runs in acc
   const Tensor x = dense(x_in);
   const int64_t N = x.size(0), C = x.size(1);
@@ -153,7 +154,7 @@ ForwardOutputs cbam_fused_forward_cpu(const Tensor& x_in, const optional<Tensor>
   if (fc1_weight.has_value()) {
     TORCH_CHECK(use_avg || use_max, "attnkern::cbam_fused: the channel gate needs an avg or a max pool");
     if (use_max) {
-      auto [avg, mx, arg] = channel_pool_cpu(x);
+      auto [avg, mx, arg] = channel_pool_cpu(x, need_argmax);
       pools = use_avg ? at::stack({avg, mx}) : mx.unsqueeze(0);
       channel_argmax = arg;
     } else {
@@ -175,7 +176,7 @@ ForwardOutputs cbam_fused_forward_cpu(const Tensor& x_in, const optional<Tensor>
   Tensor batch_mean = at::empty({0}, acc_opts), batch_var = at::empty({0}, acc_opts);
   optional<Tensor> spatial_gate_arg;
   if (conv_weight.has_value()) {
-    std::tie(pooled, spatial_argmax) = spatial_pool_cpu(x, channel_gate);
+    std::tie(pooled, spatial_argmax) = spatial_pool_cpu(x, channel_gate, need_argmax);
     conv_out = spatial_conv_cpu(pooled, conv_weight->to(acc), cast(conv_bias, acc));
     Tensor logits = conv_out;
     if (bn_weight.has_value()) {

@@ -9,8 +9,11 @@
 
 namespace attnkern::cpu {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_pool_cpu(const at::Tensor& x);
-std::tuple<at::Tensor, at::Tensor> spatial_pool_cpu(const at::Tensor& x, const at::Tensor& channel_gate);
+// need_argmax false: the argmax output comes back empty, and the pass skips its bookkeeping (the
+// registered ops always compute it).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_pool_cpu(const at::Tensor& x, bool need_argmax);
+std::tuple<at::Tensor, at::Tensor> spatial_pool_cpu(const at::Tensor& x, const at::Tensor& channel_gate,
+                                                    bool need_argmax);
 at::Tensor apply_gates_cpu(const at::Tensor& x, const at::Tensor& channel_gate,
                            const std::optional<at::Tensor>& spatial_gate);
 at::Tensor spatial_gate_grad_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& channel_gate);

@@ -340,7 +340,8 @@ struct RowStats {
   int64_t arg;
 };
 
-template <typename T, bool kScaled>
+// kArg false: arg is left 0 (the max pools of a forward that no backward follows).
+template <typename T, bool kScaled, bool kArg = true>
 inline RowStats<acc_t<T>> row_stats(const T* p, const acc_t<T>* s, int64_t n) {
   using A = acc_t<T>;
   using V = Vectorized<A>;
@@ -394,6 +395,9 @@ inline RowStats<acc_t<T>> row_stats(const T* p, const acc_t<T>* s, int64_t n) {
       }
     }
   }
+  if constexpr (!kArg) {
+    return {total, mx, 0};
+  }
   // The first lane equal to the max. Short rows (NHWC pools over C) test eight vectors per branch:
   // the position is data-dependent, so a branch per vector would mispredict about once per row,
   // which costs as much as the row. Long rows exit at the first hit.
@@ -432,8 +436,9 @@ inline RowStats<acc_t<T>> row_stats(const T* p, const acc_t<T>* s, int64_t n) {
 // v = base[k * stride + j] (kScaled: times rs[k]); accumulates sum[j], max[j] and the row of the
 // first maximum (as bits, see bits_vec) into the buffers, which hold round_up(cols, L) entries.
 // Rows go four at a time: the buffers are loaded and stored once per four rows, and the argmax
-// bookkeeping runs only when one of the four rows beats the running max somewhere.
-template <typename T, bool kScaled>
+// bookkeeping runs only when one of the four rows beats the running max somewhere. kArg false:
+// no argmax (idx is not touched), so no data-dependent branch either.
+template <typename T, bool kScaled, bool kArg = true>
 inline void col_stats(const T* base, int64_t stride, int64_t rows, int64_t cols, const acc_t<T>* rs,
                       acc_t<T>* sum, acc_t<T>* mx, acc_t<T>* idx) {
   using A = acc_t<T>;
@@ -465,7 +470,10 @@ inline void col_stats(const T* base, int64_t stride, int64_t rows, int64_t cols,
       const V v2 = load(r2, j, cnt, c2), v3 = load(r3, j, cnt, c3);
       (V::loadu(sum + j) + ((v0 + v1) + (v2 + v3))).store(sum + j);
       V m = V::loadu(mx + j);
-      if (lanes_set(vmax(vmax(v0, v1), vmax(v2, v3)) > m) != 0) {
+      const V top = vmax(vmax(v0, v1), vmax(v2, v3));
+      if constexpr (!kArg) {
+        vmax(m, top).store(mx + j);
+      } else if (lanes_set(top > m) != 0) {
         V ix = V::loadu(idx + j);
         track(v0, bits_vec<A>(bits_t<A>(k)), m, ix);
         track(v1, bits_vec<A>(bits_t<A>(k + 1)), m, ix);
@@ -484,22 +492,26 @@ inline void col_stats(const T* base, int64_t stride, int64_t rows, int64_t cols,
       const int64_t cnt = std::min(L, cols - j);
       const V v0 = load(r0, j, cnt, c0);
       (V::loadu(sum + j) + v0).store(sum + j);
-      V m = V::loadu(mx + j), ix = V::loadu(idx + j);
-      track(v0, kv, m, ix);
-      m.store(mx + j);
-      ix.store(idx + j);
+      if constexpr (!kArg) {
+        vmax(V::loadu(mx + j), v0).store(mx + j);
+      } else {
+        V m = V::loadu(mx + j), ix = V::loadu(idx + j);
+        track(v0, kv, m, ix);
+        m.store(mx + j);
+        ix.store(idx + j);
+      }
     }
   }
 }
 
 // Turns col_stats' buffers into (sum, max, row of the first max) for column j, finding NaNs the
 // comparisons skipped by rescanning columns whose sum is NaN.
-template <typename T, bool kScaled>
+template <typename T, bool kScaled, bool kArg = true>
 inline RowStats<acc_t<T>> col_stats_result(const T* base, int64_t stride, int64_t rows, const acc_t<T>* rs,
                                            const acc_t<T>* sum, const acc_t<T>* mx, const acc_t<T>* idx,
                                            int64_t j) {
   using A = acc_t<T>;
-  RowStats<A> r{sum[j], mx[j], int64_t(from_bits<A>(idx[j]))};
+  RowStats<A> r{sum[j], mx[j], kArg ? int64_t(from_bits<A>(idx[j])) : 0};
   if (std::isnan(r.sum)) {
     for (int64_t k = 0; k < rows; ++k) {
       A v = static_cast<A>(base[k * stride + j]);
@@ -694,8 +706,8 @@ inline void run_tasks(const Tasks& tk, int64_t work, const F& f) {
   });
 }
 
-constexpr int64_t kSeg = 2048;   // pixels per NCHW tile of the over-C reductions (L1 buffers)
-constexpr int64_t kTile = 2048;  // pixels per NCHW tile of the per-pixel-map kernels
+constexpr int64_t kSeg = 4096;   // pixels per NCHW tile of the over-C reductions (L1 buffers)
+constexpr int64_t kTile = 4096;  // pixels per NCHW tile of the per-pixel-map kernels
 constexpr int64_t kCols = 256;   // C segment of the NHWC over-HW reductions (L1 buffers)
 
 inline int64_t offset_of(Layout layout, int64_t C, int64_t HW, int64_t n, int64_t c, int64_t hw) {
