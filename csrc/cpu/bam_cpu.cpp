@@ -1,7 +1,7 @@
 // CPU kernels of BAM's combine step (schemas and semantics: csrc/ops.cpp; reference:
 // attnkern/backends/torch_kernels.py): y = x * (1 + M), M = sigmoid(a), a = ca[n, c] + sa[n, hw]
-// (product form: ca * sa). Layouts as in cbam_cpu.cpp: NCHW walks HW tiles through all C planes
-// (the tile's per-pixel maps stay in L1), NHWC walks rows of C.
+// (product form: ca * sa). Layouts as in cbam_cpu.cpp: NCHW walks planes in storage order
+// (combine) or HW tiles through all C planes (the backward's reductions), NHWC walks rows of C.
 //
 // M needs one exp per element. In the additive form exp(-a) = exp(-ca) * exp(-sa), so when the
 // maps are moderate (|ca|, |sa| <= 40: no overflow, no NaN) the exps are taken once per map
@@ -76,28 +76,25 @@ void combine_kernel(const at::Tensor& src, Layout layout, const Maps<acc_t<T>>& 
   const T* sp = src.const_data_ptr<T>();
   T* op = out.data_ptr<T>();
   if (layout == Layout::NCHW) {
-    run_tiles(plane_tiles<T>(N, C, HW, kTile), 2, [&](const Tile& tl) {
-      const int64_t n = tl.n, h0 = tl.h0, h1 = tl.h1;
-      const A* s = maps.s + n * HW + h0;
-      for (int64_t c = tl.c0; c < tl.c1; ++c) {
-        const int64_t p = n * C + c;
-        const T* xr = sp + p * HW + h0;
-        const T* er = extra ? extra + p * HW + h0 : nullptr;
-        const V cv(maps.c[p]);
-        const V addv(add ? add[p] : A(0));
-        map_range(op + p * HW + h0, 0, h1 - h0, [&](int64_t j, int64_t cnt) {
-          const V r = attention<kMode, kSafe>(cv, load_acc_n(s + j, cnt));
-          const V x = load_n(xr + j, cnt);
-          V y = at::vec::fmadd(x, r, x);
-          if (add != nullptr) {
-            y = y + addv;
-          }
-          if (er != nullptr) {
-            y = y + load_n(er + j, cnt);
-          }
-          return y;
-        });
-      }
+    // Whole planes in storage order (as apply_gates in cbam_cpu.cpp), the spatial map re-read from cache.
+    parallel_rows(N * C, HW, [&](int64_t p, int64_t j0, int64_t j1) {
+      const A* s = maps.s + (p / C) * HW;
+      const T* xr = sp + p * HW;
+      const T* er = extra ? extra + p * HW : nullptr;
+      const V cv(maps.c[p]);
+      const V addv(add ? add[p] : A(0));
+      map_range(op + p * HW, j0, j1, [&](int64_t j, int64_t cnt) {
+        const V r = attention<kMode, kSafe>(cv, load_acc_n(s + j, cnt));
+        const V x = load_n(xr + j, cnt);
+        V y = at::vec::fmadd(x, r, x);
+        if (add != nullptr) {
+          y = y + addv;
+        }
+        if (er != nullptr) {
+          y = y + load_n(er + j, cnt);
+        }
+        return y;
+      });
     });
     return;
   }
