@@ -58,4 +58,14 @@ TORCH_LIBRARY(attnkern, m) {
   m.def("bam_combine_backward(Tensor grad, Tensor x, Tensor channel_att, Tensor spatial_att, bool product) -> (Tensor grad_channel, Tensor grad_spatial)");
   // dx = grad * (1 + M) + grad_avg[n,c] / HW (optional) + grad_x_partial (optional, full size).
   m.def("bam_input_grad(Tensor grad, Tensor x, Tensor channel_att, Tensor spatial_att, bool product, Tensor? grad_avg, Tensor? grad_x_partial) -> Tensor");
+  // BAM's whole-op kernels (optional per backend), with the contract of the Python ops
+  // attnkern::bam / attnkern::bam_backward (attnkern/ops/bam.py) minus their backend argument.
+  m.def("bam_fused_forward(Tensor x, Tensor[] weights, Tensor[] biases, Tensor[] bn_weights, Tensor[] bn_biases, "
+        "Tensor[] bn_running_means, Tensor[] bn_running_vars, float[] bn_eps, bool[] bn_training, int dilation, "
+        "bool product) -> (Tensor y, Tensor avg, Tensor channel_att, Tensor spatial_att, Tensor[] hidden, "
+        "Tensor[] batch_means, Tensor[] batch_vars)");
+  m.def("bam_fused_backward(Tensor grad, Tensor x, Tensor[] weights, Tensor[] biases, Tensor[] bn_weights, "
+        "Tensor[] bn_biases, Tensor[] bn_means, Tensor[] bn_vars, float[] bn_eps, bool[] bn_training, int dilation, "
+        "bool product, Tensor avg, Tensor channel_att, Tensor spatial_att, Tensor[] hidden) -> (Tensor dx, "
+        "Tensor[] d_weights, Tensor[] d_biases, Tensor[] d_bn_weights, Tensor[] d_bn_biases)");
 }

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import attnkern
 from attnkern import reference
+from attnkern.backends import has_whole_op
 from attnkern.modules.bam import bam_op_inputs
 from conftest import TOLERANCES, backend_device_pairs, devices, interpreted_triton, kernel_dtypes
 from test_cbam import (
@@ -223,6 +224,23 @@ def op_test_params(variants):
 )
 def test_gradcheck(backend, device, training, combine):
     args = op_args(device, training, combine=combine, shape=(3, 8, 4, 3), num_dilated=1)
+    # Under the Triton interpreter, one random direction instead of the whole Jacobian.
+    check_gradcheck(args, lambda full: torch.ops.attnkern.bam(*full, backend)[0], interpreted_triton(backend, device))
+
+
+WHOLE_OP_PAIRS = [p for p in PAIRS if has_whole_op(p.values[0])]
+
+
+@pytest.mark.parametrize("backend,device", WHOLE_OP_PAIRS)
+@pytest.mark.parametrize("training,combine", [(True, "product"), (False, "sum")])
+def test_gradcheck_whole_op_autograd(backend, device, training, combine):
+    """The fused module's own path: bam_fused_forward and its C++ autograd (csrc/bam_fused_autograd.cpp)."""
+    args = op_args(device, training, combine=combine, shape=(3, 8, 4, 3), num_dilated=1)
+    check_gradcheck(args, lambda full: torch.ops.attnkern.bam_fused_forward(*full)[0], False)
+
+
+def check_gradcheck(args, forward, fast):
+    """float64 gradcheck of forward(args) wrt x and every parameter (lists flattened)."""
     flat, spec = [], []
     for i in DIFFERENTIABLE:
         group = args[i] if isinstance(args[i], list) else [args[i]]
@@ -234,10 +252,8 @@ def test_gradcheck(backend, device, training, combine):
         for i, size in zip(DIFFERENTIABLE, spec):
             full[i] = rest[:size] if isinstance(args[i], list) else rest[0]
             rest = rest[size:]
-        return torch.ops.attnkern.bam(*full, backend)[0]
+        return forward(full)
 
-    # Under the Triton interpreter, one random direction instead of the whole Jacobian.
-    fast = interpreted_triton(backend, device)
     assert torch.autograd.gradcheck(f, flat, eps=1e-6, atol=1e-5, rtol=1e-4, fast_mode=fast)
 
 
@@ -246,13 +262,30 @@ def test_gradcheck(backend, device, training, combine):
     op_test_params([(True, "product", torch.contiguous_format), (False, "sum", torch.channels_last)]),
 )
 def test_opcheck(backend, device, training, combine, fmt):
+    ops = torch.ops.attnkern
+    check_opcheck(ops.bam.default, ops.bam_backward.default, (backend,), device, training, combine, fmt)
+
+
+@pytest.mark.parametrize("backend,device", WHOLE_OP_PAIRS)
+@pytest.mark.parametrize(
+    "training,combine,fmt", [(True, "product", torch.contiguous_format), (False, "sum", torch.channels_last)]
+)
+def test_opcheck_whole_op_kernels(backend, device, training, combine, fmt):
+    """The whole-op kernels, their fakes and the forward's C++ autograd registration."""
+    ops = torch.ops.attnkern
+    check_opcheck(ops.bam_fused_forward.default, ops.bam_fused_backward.default, (), device, training, combine, fmt)
+
+
+def check_opcheck(forward, backward, tail, device, training, combine, fmt):
+    """opcheck of a BAM forward op (inputs requiring grad) and of its backward op on the forward's
+    outputs; `tail` is what follows the shared arguments (the backend, for the Python ops)."""
     args = op_args(device, training, combine=combine)
     args[0] = args[0].contiguous(memory_format=fmt)
     for i in DIFFERENTIABLE:
         args[i] = [t.requires_grad_(True) for t in args[i]] if isinstance(args[i], list) else args[i].requires_grad_(True)
-    torch.library.opcheck(torch.ops.attnkern.bam.default, (*args, backend))
+    torch.library.opcheck(forward, (*args, *tail))
     with torch.no_grad():
-        _, avg, channel_att, spatial_att, hidden, batch_means, batch_vars = torch.ops.attnkern.bam(*args, backend)
+        _, avg, channel_att, spatial_att, hidden, batch_means, batch_vars = forward(*args, *tail)
     x, weights, biases, bn_weights, bn_biases, running_means, running_vars, eps, bn_training, dilation, product = (
         torch.utils._pytree.tree_map_only(torch.Tensor, torch.Tensor.detach, args)
     )
@@ -260,18 +293,43 @@ def test_opcheck(backend, device, training, combine, fmt):
     variances = batch_vars if training else running_vars
     grad = torch.randn_like(x)
     torch.library.opcheck(
-        torch.ops.attnkern.bam_backward.default,
+        backward,
         (grad, x, weights, biases, bn_weights, bn_biases, means, variances, eps, bn_training, dilation, product,
-         avg, channel_att, spatial_att, hidden, backend),
+         avg, channel_att, spatial_att, hidden, *tail),
     )
 
 
-@pytest.mark.parametrize("device", devices())
-def test_torch_compile_fullgraph(device):
-    """One compile per device (each costs seconds), with the torch kernels: what is compiled here is
-    attnkern::bam / attnkern::bam_backward with their fakes and autograd, the same for every
-    backend (opcheck's aot_dispatch test covers each backend's kernels under tracing)."""
-    _, fused = make_modules("BAM", (16, 4), {}, "torch", device)
+@pytest.mark.parametrize("backend,device", PAIRS)
+def test_double_backward_is_refused(backend, device):
+    """No backend differentiates its backward: create_graph must fail loudly, not drop terms."""
+    _, fused = make_modules("BAM", (16, 4), {}, backend, device)
+    x = torch.randn(2, 16, 5, 5, device=device, requires_grad=True)
+    with pytest.raises(RuntimeError, match="(?i)double backward|no autograd formula"):
+        (grad,) = torch.autograd.grad(fused(x).square().sum(), x, create_graph=True)
+        grad.sum().backward()
+
+
+@pytest.mark.parametrize("backend,device", WHOLE_OP_PAIRS)
+def test_whole_op_rejects_bad_layout(backend, device):
+    args = op_args(device, False)
+    args[4] = args[4][:-1]  # one BN bias short
+    with pytest.raises(RuntimeError, match="every BN needs"):
+        torch.ops.attnkern.bam_fused_forward(*args)
+    args = op_args(device, False)
+    args[1] = args[1][:-1]  # one weight short
+    with pytest.raises(RuntimeError, match="expected weights/biases"):
+        torch.ops.attnkern.bam_fused_forward(*args)
+
+
+@pytest.mark.parametrize(
+    "backend,device", [("torch", d) for d in devices()] + [p.values for p in WHOLE_OP_PAIRS]
+)
+def test_torch_compile_fullgraph(backend, device):
+    """One compile per op path (each costs seconds): attnkern::bam / attnkern::bam_backward with their
+    fakes and Python autograd, the same for every backend that composes kernels (opcheck's
+    aot_dispatch test covers each backend's kernels under tracing), and the whole-op kernels with
+    their C++ autograd."""
+    _, fused = make_modules("BAM", (16, 4), {}, backend, device)
     check_compiled_matches_eager(fused, (2, 16, 6, 5), device)
 
 

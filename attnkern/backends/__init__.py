@@ -93,10 +93,13 @@ _AVAILABLE = {
 }
 
 
-# The compiled backends with whole-op kernels (attnkern::cbam_fused_forward / _backward: a fused
+# The compiled backends with whole-op kernels (attnkern::cbam_fused_* and bam_fused_*: a fused
 # module's entire forward or backward in one call, see csrc/ops.cpp), decided at import like
 # _AVAILABLE. The others run the composition of the kernels above in attnkern/ops/.
-_WHOLE_OP = frozenset(b for b in ("cpu", "cuda") if _extension.has_kernel(b.upper(), "cbam_fused_forward"))
+_WHOLE_OP = frozenset(
+    b for b in ("cpu", "cuda")
+    if all(_extension.has_kernel(b.upper(), op) for op in ("cbam_fused_forward", "bam_fused_forward"))
+)
 
 
 def has_whole_op(backend):

@@ -1,8 +1,7 @@
-"""Fused BAM: the reference module with forward replaced by attnkern::bam."""
-import torch
-
+"""Fused BAM: the reference module with forward replaced by attnkern::bam (or the backend's whole-op kernel)."""
 from attnkern import backends, reference
 from attnkern.modules.common import FusedModule, bn_uses_batch_stats, check_bn_batch, update_running_stats
+from attnkern.ops.bam import bam_op
 from attnkern.reference import check_input
 
 __all__ = ["BAM", "fused_bam", "bam_op_inputs"]
@@ -43,7 +42,7 @@ def fused_bam(x, module, backend):
     counts = [n] + [n * h * w] * (len(bns) - 1)  # values per channel: BatchNorm1d on (N, Ch), then BatchNorm2d
     for bn, count in zip(bns, counts):
         check_bn_batch(bn, count, type(module).__name__)
-    outputs = torch.ops.attnkern.bam(*bam_op_inputs(module, x), backend)
+    outputs = bam_op(*bam_op_inputs(module, x), backend=backend)
     for bn, count, mean, var in zip(bns, counts, outputs[5], outputs[6]):
         update_running_stats(bn, mean, var, count)
     return outputs[0]

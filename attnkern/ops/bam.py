@@ -41,7 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnkern.backends import get_kernels
+from attnkern import _extension
+from attnkern.backends import get_kernels, has_whole_op
 from attnkern.backends.torch_kernels import acc_dtype
 from attnkern.ops.common import dense, like_x, without_autocast
 
@@ -241,6 +242,11 @@ def bam(
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, list[Tensor], list[Tensor], list[Tensor]]:
     """Returns (y, avg (N, C), Mc (N, C), Ms (N, H, W), hidden maps, BN batch means, BN batch vars)."""
+    if has_whole_op(backend):
+        return torch.ops.attnkern.bam_fused_forward(
+            x, weights, biases, bn_weights, bn_biases, bn_running_means, bn_running_vars, bn_eps, bn_training,
+            dilation, product,
+        )
     return _bam_forward(x, weights, biases, bn_weights, bn_biases, bn_running_means, bn_running_vars, bn_eps,
                         bn_training, dilation, product, backend)
 
@@ -270,7 +276,7 @@ def _bam_forward(x, weights, biases, bn_weights, bn_biases, bn_running_means, bn
 
 @bam.register_fake
 def _bam_fake(x, weights, biases, bn_weights, bn_biases, bn_running_means, bn_running_vars, bn_eps, bn_training,
-              dilation, product, backend):
+              dilation, product, backend=None):
     n, c, h, w = x.shape
     acc = acc_dtype(x.dtype)
     x = dense(x)
@@ -314,6 +320,11 @@ def bam_backward(
     """Returns (dx, d weights, d biases, d bn weights, d bn biases), each parameter's gradient in
     its dtype and shape. bn_means / bn_vars are the statistics each BN normalised with: the
     batch's (biased variance) in training, the running ones in eval."""
+    if has_whole_op(backend):
+        return torch.ops.attnkern.bam_fused_backward(
+            grad, x, weights, biases, bn_weights, bn_biases, bn_means, bn_vars, bn_eps, bn_training, dilation,
+            product, avg, channel_att, spatial_att, hidden,
+        )
     return _bam_backward(grad, x, weights, biases, bn_weights, bn_biases, bn_means, bn_vars, bn_eps, bn_training,
                          dilation, product, avg, channel_att, spatial_att, hidden, backend)
 
@@ -392,3 +403,18 @@ def _backward(ctx, grad, *_unused):
 
 
 bam.register_autograd(_backward, setup_context=_setup_context)
+
+
+# The whole-op kernels share these ops' contracts (minus the backend), so their fakes too.
+if _extension.LOAD_ERROR is None:
+    torch.library.register_fake("attnkern::bam_fused_forward", _bam_fake)
+    torch.library.register_fake("attnkern::bam_fused_backward", _bam_backward_fake)
+
+
+def bam_op(*args, backend):
+    """attnkern::bam(*args, backend), or the backend's whole-op kernel itself where it has one, whose
+    autograd lives in C++ (csrc/bam_fused_autograd.cpp): the custom op's Python autograd wrapper and
+    body cost ~0.3 ms a call."""
+    if has_whole_op(backend):
+        return torch.ops.attnkern.bam_fused_forward(*args)
+    return bam(*args, backend)

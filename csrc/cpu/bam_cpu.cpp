@@ -8,6 +8,7 @@
 // entry and an element costs a multiply and a reciprocal; otherwise (and for the product form)
 // each element takes a vector exp (see attention()). The backward uses M * (1 - M) as the reference
 // does, so saturated M gives exactly 0 there too.
+#include "cpu/cpu_ops.h"
 #include "cpu/cpu_utils.h"
 
 ATTNKERN_VEC_BEGIN
@@ -341,6 +342,8 @@ void with_mode(int mode, bool safe, const F& f) {
   }
 }
 
+}  // namespace
+
 Tensor bam_combine_cpu(const Tensor& x_in, const Tensor& ca_in, const Tensor& sa_in, bool product) {
   constexpr const char* op = "attnkern::bam_combine";
   const Args a = prepare(op, x_in, ca_in, sa_in);
@@ -452,7 +455,6 @@ std::tuple<Tensor, Tensor> bam_combine_backward_cpu(const Tensor& grad_in, const
   return {gc, gs};
 }
 
-}  // namespace
 }  // namespace attnkern::cpu
 
 TORCH_LIBRARY_IMPL(attnkern, CPU, m) {

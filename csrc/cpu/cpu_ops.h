@@ -1,5 +1,6 @@
 // The CPU implementations of the per-pass kernel ops (schemas: csrc/ops.cpp), for the whole-op
-// kernels that compose them in one C++ call (cbam_fused_cpu.cpp). Each checks its arguments.
+// kernels that compose them in one C++ call (cbam_fused_cpu.cpp, bam_fused_cpu.cpp). Each checks
+// its arguments.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -30,5 +31,13 @@ at::Tensor cbam_input_grad_cpu(const at::Tensor& grad, const at::Tensor& x, cons
 at::Tensor spatial_conv_cpu(const at::Tensor& pooled, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
 std::tuple<at::Tensor, at::Tensor> spatial_conv_backward_cpu(const at::Tensor& grad, const at::Tensor& pooled,
                                                              const at::Tensor& weight);
+at::Tensor bam_combine_cpu(const at::Tensor& x, const at::Tensor& channel_att, const at::Tensor& spatial_att,
+                           bool product);
+std::tuple<at::Tensor, at::Tensor> bam_combine_backward_cpu(const at::Tensor& grad, const at::Tensor& x,
+                                                            const at::Tensor& channel_att,
+                                                            const at::Tensor& spatial_att, bool product);
+at::Tensor bam_input_grad_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& channel_att,
+                              const at::Tensor& spatial_att, bool product, const std::optional<at::Tensor>& grad_avg,
+                              const std::optional<at::Tensor>& grad_x_partial);
 
 }  // namespace attnkern::cpu

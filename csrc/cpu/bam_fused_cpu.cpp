@@ -1,0 +1,321 @@
+// The whole BAM forward and backward on the CPU, one C++ call each (schemas bam_fused_forward /
+// bam_fused_backward in csrc/ops.cpp). They are the Python composition of attnkern/ops/bam.py
+// line for line: the same passes (combine kernels of bam_cpu.cpp), the same ATen calls for the
+// two small stacks (1x1 convs as GEMMs, dilated convs, BatchNorm folded in eval), without its
+// ~100 Python-level calls per forward, which cost ~0.3 ms a call. Names follow the Python
+// functions; the tests hold both against the reference module.
+
+#include <ATen/ATen.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/library.h>
+
+#include "cpu/cpu_ops.h"
+#include "cpu/cpu_utils.h"
+
+namespace attnkern::cpu {
+namespace {
+
+using at::Tensor;
+using at::TensorList;
+using std::vector;
+
+using ForwardOutputs = std::tuple<Tensor, Tensor, Tensor, Tensor, vector<Tensor>, vector<Tensor>, vector<Tensor>>;
+using BackwardOutputs = std::tuple<Tensor, vector<Tensor>, vector<Tensor>, vector<Tensor>, vector<Tensor>>;
+
+constexpr size_t kChannelLayers = 2;  // fc1, fc2 lead `weights` and `biases`; the spatial convs follow
+
+Tensor channel_view(const Tensor& t) {
+  return t.view({1, -1, 1, 1});
+}
+
+Tensor as_conv(const Tensor& weight) {
+  return weight.dim() == 2 ? weight.view({weight.size(0), weight.size(1), 1, 1}) : weight;
+}
+
+bool is_pointwise(const Tensor& weight) {
+  return weight.size(-2) == 1 && weight.size(-1) == 1;
+}
+
+vector<int64_t> padding(const Tensor& weight, int64_t dilation) {
+  return {dilation * (weight.size(-2) / 2), dilation * (weight.size(-1) / 2)};
+}
+
+Tensor pixel_rows(const Tensor& t) {
+  return t.permute({0, 2, 3, 1}).reshape({-1, t.size(1)});
+}
+
+Tensor pointwise(const Tensor& a, const Tensor& weight) {
+  const int64_t n = a.size(0), ci = a.size(1), h = a.size(2), w = a.size(3);
+  const Tensor matrix = weight.reshape({weight.size(0), ci});
+  if (a.is_contiguous() && h * w > 1) {
+    return at::bmm(matrix.expand({n, -1, -1}), a.view({n, ci, h * w})).view({n, -1, h, w});
+  }
+  return at::mm(pixel_rows(a), matrix.t()).view({n, h, w, -1}).permute({0, 3, 1, 2});
+}
+
+std::pair<Tensor, Tensor> pointwise_backward(const Tensor& grad, const Tensor& a, const Tensor& weight) {
+  const int64_t n = a.size(0), ci = a.size(1), h = a.size(2), w = a.size(3);
+  const int64_t co = weight.size(0);
+  const Tensor matrix = weight.reshape({co, ci});
+  Tensor grad_a, grad_weight;
+  if (a.is_contiguous() && grad.is_contiguous() && h * w > 1) {
+    const Tensor grad_rows = grad.view({n, co, h * w}), a_rows = a.view({n, ci, h * w});
+    grad_a = at::bmm(matrix.t().expand({n, -1, -1}), grad_rows).view({n, ci, h, w});
+    grad_weight = at::bmm(grad_rows, a_rows.transpose(1, 2)).sum(0);
+  } else {
+    const Tensor grad_rows = pixel_rows(grad), a_rows = pixel_rows(a);
+    grad_a = at::mm(grad_rows, matrix).view({n, h, w, ci}).permute({0, 3, 1, 2});
+    grad_weight = at::mm(grad_rows.t(), a_rows);
+  }
+  return {grad_a, grad_weight.view(weight.sizes())};
+}
+
+Tensor conv_nobias(const Tensor& a, const Tensor& weight, int64_t dilation) {
+  if (is_pointwise(weight)) {
+    return pointwise(a, weight);
+  }
+  return at::conv2d(a, weight, {}, 1, padding(weight, dilation), dilation);
+}
+
+// conv(a) in a's dtype, the output and the bias in acc (as ops/bam.py _conv).
+Tensor conv(const Tensor& a, const Tensor& weight, const Tensor& bias, int64_t dilation, at::ScalarType acc) {
+  return conv_nobias(a, weight.to(a.scalar_type()), dilation).to(acc) + channel_view(bias.to(acc));
+}
+
+std::pair<Tensor, Tensor> conv_backward(const Tensor& grad, const Tensor& a, const Tensor& weight, int64_t dilation) {
+  if (is_pointwise(weight)) {
+    return pointwise_backward(grad, a, weight);
+  }
+  auto [grad_a, grad_weight, unused] =
+      at::convolution_backward(grad, a, weight, std::nullopt, {1, 1}, padding(weight, dilation),
+                               {dilation, dilation}, false, {0, 0}, 1, {true, true, false});
+  return {grad_a, grad_weight};
+}
+
+struct Bn {
+  Tensor weight, bias, mean, var;  // mean / var: running ones in the forward, those used in the backward
+  double eps;
+  bool training;
+};
+
+// The BNs, after checking the layout: weights / biases [fc1, fc2, reduce, dilated..., final], BNs
+// [channel, reduce, dilated...].
+vector<Bn> bn_list(TensorList weights, TensorList biases, TensorList bn_weights, TensorList bn_biases,
+                   TensorList means, TensorList vars, at::ArrayRef<double> eps, const c10::List<bool>& training) {
+  const size_t num_bn = bn_weights.size();
+  TORCH_CHECK(weights.size() == biases.size() && weights.size() >= kChannelLayers + 2 &&
+                  num_bn == weights.size() - 2,
+              "attnkern::bam_fused: expected weights/biases [fc1, fc2, reduce, dilated..., final] and BNs "
+              "[channel, reduce, dilated...]; got ",
+              weights.size(), " weights, ", biases.size(), " biases, ", num_bn, " BNs");
+  TORCH_CHECK(bn_biases.size() == num_bn && means.size() == num_bn && vars.size() == num_bn &&
+                  eps.size() == num_bn && training.size() == num_bn,
+              "attnkern::bam_fused: every BN needs a weight, bias, mean, var, eps and training flag");
+  vector<Bn> bns;
+  for (size_t i = 0; i < num_bn; ++i) {
+    bns.push_back({bn_weights[i], bn_biases[i], means[i], vars[i], eps[i], training.get(i)});
+  }
+  return bns;
+}
+
+struct Affine {
+  Tensor scale, shift, invstd;
+};
+
+Affine bn_affine(const Bn& bn, const Tensor& mean, const Tensor& var, at::ScalarType acc) {
+  Tensor invstd = at::rsqrt(var.to(acc) + bn.eps);
+  Tensor scale = bn.weight.to(acc) * invstd;
+  return {scale, bn.bias.to(acc) - mean.to(acc) * scale, invstd};
+}
+
+struct StackForward {
+  Tensor logits;
+  vector<Tensor> hidden, means, vars;
+};
+
+// [conv, BN, ReLU] per BN, then the final conv (ops/bam.py _stack_forward).
+StackForward stack_forward(const Tensor& inp, const vector<Tensor>& weights, TensorList biases,
+                           const vector<Bn>& bns, int64_t dilation, at::ScalarType acc) {
+  StackForward out;
+  Tensor a = inp;
+  for (size_t k = 0; k < bns.size(); ++k) {
+    const Bn& bn = bns[k];
+    Tensor pre;
+    if (bn.training) {
+      const Tensor z = conv(a, weights[k], biases[k], dilation, acc);
+      // ATen's BN kernel: 3-8x faster than var_mean on these maps; var + eps is what invstd inverts.
+      auto [normalized, mean, invstd] =
+          at::native_batch_norm(z, bn.weight.to(acc), bn.bias.to(acc), {}, {}, true, 0.0, bn.eps);
+      pre = normalized;
+      out.hidden.push_back(z);
+      out.means.push_back(mean);
+      out.vars.push_back(invstd.pow(-2) - bn.eps);
+    } else {
+      const Affine af = bn_affine(bn, bn.mean, bn.var, acc);
+      const Tensor folded = weights[k].to(acc) * af.scale.view({-1, 1, 1, 1});
+      pre = conv(a, folded, biases[k].to(acc) * af.scale + af.shift, dilation, acc);
+      out.hidden.push_back(pre);
+      out.means.push_back(inp.new_empty({0}, inp.options().dtype(acc)));  // distinct: outputs may not alias
+      out.vars.push_back(inp.new_empty({0}, inp.options().dtype(acc)));
+    }
+    a = at::relu(pre);
+  }
+  out.logits = conv(a, weights.back(), biases.back(), dilation, acc);
+  return out;
+}
+
+struct StackGrads {
+  Tensor grad_input;
+  vector<Tensor> weights, biases, gammas, betas;
+};
+
+// The backward of stack_forward; bns carry the statistics each BN normalised with (ops/bam.py
+// _stack_backward).
+StackGrads stack_backward(const Tensor& grad_logits, const Tensor& inp, const vector<Tensor>& weights,
+                          TensorList biases, const vector<Bn>& bns, TensorList hidden, int64_t dilation,
+                          at::ScalarType acc) {
+  const size_t num_hidden = bns.size();
+  vector<Affine> affine;
+  vector<Tensor> acts{inp};
+  for (size_t k = 0; k < num_hidden; ++k) {
+    affine.push_back(bn_affine(bns[k], bns[k].mean, bns[k].var, acc));
+    Tensor pre = hidden[k];
+    if (bns[k].training) {  // hidden is pre-BN
+      pre = at::addcmul(channel_view(affine[k].shift), pre, channel_view(affine[k].scale));
+    }
+    acts.push_back(at::relu(pre));
+  }
+  StackGrads out;
+  out.weights.resize(num_hidden + 1);
+  out.biases.resize(num_hidden + 1);
+  out.gammas.resize(num_hidden);
+  out.betas.resize(num_hidden);
+  Tensor g = grad_logits;
+  for (size_t k = num_hidden + 1; k-- > 0;) {
+    const Tensor weight = weights[k].to(acc);
+    Tensor conv_weight = weight;
+    const Bn* bn = k < num_hidden ? &bns[k] : nullptr;
+    if (bn != nullptr) {
+      g = at::threshold_backward(g, acts[k + 1], 0);  // ReLU: g is now the grad wrt the BN output
+      if (bn->training) {
+        std::tie(g, out.gammas[k], out.betas[k]) =
+            at::native_batch_norm_backward(g, hidden[k], bn->weight.to(acc), {}, {}, bn->mean.to(acc),
+                                           affine[k].invstd, true, bn->eps, {true, true, true});
+      } else {
+        conv_weight = weight * affine[k].scale.view({-1, 1, 1, 1});
+      }
+    }
+    const Tensor& a_in = acts[k];
+    auto [grad_in, grad_weight] =
+        conv_backward(g.to(a_in.scalar_type()), a_in, conv_weight.to(a_in.scalar_type()), dilation);
+    grad_weight = grad_weight.to(acc);
+    // A bias before a batch-statistics BN cancels out of the output: its gradient is exactly zero.
+    Tensor grad_bias = bn != nullptr && bn->training ? at::zeros({g.size(1)}, g.options()) : g.sum({0, 2, 3});
+    if (bn != nullptr && !bn->training) {  // eval: map the folded conv's grads back
+      const Tensor centred_bias = biases[k].to(acc) - bn->mean.to(acc);
+      out.gammas[k] = ((weight * grad_weight).sum({1, 2, 3}) + centred_bias * grad_bias) * affine[k].invstd;
+      out.betas[k] = grad_bias;
+      grad_weight = grad_weight * affine[k].scale.view({-1, 1, 1, 1});
+      grad_bias = grad_bias * affine[k].scale;
+    }
+    out.weights[k] = grad_weight;
+    out.biases[k] = grad_bias;
+    g = grad_in;
+  }
+  out.grad_input = g;
+  return out;
+}
+
+// x in the layout the kernels take natively (a copy only for other strides).
+Tensor dense(const Tensor& x) {
+  check_full("attnkern::bam_fused", "x", x);
+  return in_layout(x, layout_of(x));
+}
+
+vector<Tensor> channel_weights(TensorList weights) {
+  return {as_conv(weights[0]), as_conv(weights[1])};
+}
+
+vector<Tensor> spatial_weights(TensorList weights) {
+  return vector<Tensor>(weights.begin() + kChannelLayers, weights.end());
+}
+
+vector<Tensor> concat(vector<Tensor> a, const vector<Tensor>& b) {
+  a.insert(a.end(), b.begin(), b.end());
+  return a;
+}
+
+// Each gradient in its parameter's dtype and shape, contiguous (as the fake promises).
+vector<Tensor> like_params(const vector<Tensor>& grads, TensorList params) {
+  vector<Tensor> out;
+  for (size_t i = 0; i < grads.size(); ++i) {
+    out.push_back(grads[i].to(params[i].scalar_type()).reshape(params[i].sizes()).contiguous());
+  }
+  return out;
+}
+
+ForwardOutputs bam_fused_forward_cpu(const Tensor& x_in, TensorList weights, TensorList biases,
+                                     TensorList bn_weights, TensorList bn_biases, TensorList bn_running_means,
+                                     TensorList bn_running_vars, at::ArrayRef<double> bn_eps,
+                                     const c10::List<bool>& bn_training, int64_t dilation, bool product) {
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);  // the small math runs in acc
+  const Tensor x = dense(x_in);
+  const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3);
+  const auto acc = acc_type_of(x.scalar_type());
+  const vector<Bn> bns =
+      bn_list(weights, biases, bn_weights, bn_biases, bn_running_means, bn_running_vars, bn_eps, bn_training);
+  const Tensor avg = std::get<0>(channel_pool_cpu(x, false));
+  const StackForward channel = stack_forward(avg.view({n, c, 1, 1}), channel_weights(weights),
+                                             biases.slice(0, kChannelLayers), {bns[0]}, 1, acc);
+  const StackForward spatial = stack_forward(x, spatial_weights(weights), biases.slice(kChannelLayers),
+                                             vector<Bn>(bns.begin() + 1, bns.end()), dilation, acc);
+  const Tensor channel_att = channel.logits.reshape({n, c});
+  const Tensor spatial_att = spatial.logits.reshape({n, h, w});
+  Tensor y = bam_combine_cpu(x, channel_att, spatial_att, product);
+  vector<Tensor> hidden;
+  for (const Tensor& t : channel.hidden) {
+    hidden.push_back(t.contiguous());
+  }
+  for (const Tensor& t : spatial.hidden) {
+    hidden.push_back(in_layout(t, layout_of(x)));
+  }
+  return {y, avg, channel_att, spatial_att, hidden, concat(channel.means, spatial.means),
+          concat(channel.vars, spatial.vars)};
+}
+
+BackwardOutputs bam_fused_backward_cpu(const Tensor& grad_in, const Tensor& x_in, TensorList weights,
+                                       TensorList biases, TensorList bn_weights, TensorList bn_biases,
+                                       TensorList bn_means, TensorList bn_vars, at::ArrayRef<double> bn_eps,
+                                       const c10::List<bool>& bn_training, int64_t dilation, bool product,
+                                       const Tensor& avg, const Tensor& channel_att, const Tensor& spatial_att,
+                                       TensorList hidden) {
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  const Tensor x = dense(x_in);
+  const Tensor grad = in_layout(grad_in, layout_of(x));
+  const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3);
+  const auto acc = acc_type_of(x.scalar_type());
+  const vector<Bn> bns = bn_list(weights, biases, bn_weights, bn_biases, bn_means, bn_vars, bn_eps, bn_training);
+  TORCH_CHECK(hidden.size() == bns.size(), "attnkern::bam_fused_backward: expected ", bns.size(),
+              " hidden maps, got ", hidden.size());
+  auto [grad_channel, grad_spatial] = bam_combine_backward_cpu(grad, x, channel_att, spatial_att, product);
+  const StackGrads channel =
+      stack_backward(grad_channel.view({n, c, 1, 1}), avg.view({n, c, 1, 1}), channel_weights(weights),
+                     biases.slice(0, kChannelLayers), {bns[0]}, hidden.slice(0, 1), 1, acc);
+  const StackGrads spatial =
+      stack_backward(grad_spatial.view({n, 1, h, w}), x, spatial_weights(weights), biases.slice(kChannelLayers),
+                     vector<Bn>(bns.begin() + 1, bns.end()), hidden.slice(1), dilation, acc);
+  Tensor dx = bam_input_grad_cpu(grad, x, channel_att, spatial_att, product, channel.grad_input.view({n, c}),
+                                 in_layout(spatial.grad_input, layout_of(x)));
+  return {dx, like_params(concat(channel.weights, spatial.weights), weights),
+          like_params(concat(channel.biases, spatial.biases), biases),
+          like_params(concat(channel.gammas, spatial.gammas), bn_weights),
+          like_params(concat(channel.betas, spatial.betas), bn_biases)};
+}
+
+}  // namespace
+}  // namespace attnkern::cpu
+
+TORCH_LIBRARY_IMPL(attnkern, CPU, m) {
+  m.impl("bam_fused_forward", &attnkern::cpu::bam_fused_forward_cpu);
+  m.impl("bam_fused_backward", &attnkern::cpu::bam_fused_backward_cpu);
+}
