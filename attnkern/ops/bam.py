@@ -4,6 +4,9 @@
     Mc = fc2(relu(BN1d(fc1(avg_hw(x)))))                      (N, C)
     Ms = final(relu(BN(dil(... relu(BN(reduce(x))) ...))))    (N, H, W)
 
+A backend with whole-op kernels (bam_fused_forward / bam_fused_backward: the C++ CPU backend,
+csrc/cpu/bam_fused_cpu.cpp, the functions below call for call) runs each direction as one call.
+
 Both branches are the same kind of stack: [conv, BN, ReLU] * L followed by a conv with no BN.
 The channel MLP is that stack on the (N, C, 1, 1) pooled vector with 1x1 convs (BatchNorm1d on
 (N, Ch) is BatchNorm on (N, Ch, 1, 1)); the spatial branch is it on x, with the 3x3 convs dilated.
