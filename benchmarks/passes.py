@@ -179,9 +179,11 @@ def main(argv=None):
         meta["triton"] = triton.__version__
     except ImportError:
         meta["triton"] = None
-    report.write_csv(f"{prefix}.csv", rows, COLUMNS, meta)
-    report.write_json(f"{prefix}.json", dict(meta=meta, rows=rows))
-    print(f"\nwrote {prefix}.csv and {prefix}.json")
+    paths = dict(csv=f"{prefix}.csv", json=f"{prefix}.json")
+    report.write_csv(paths["csv"], rows, COLUMNS, meta)
+    report.write_json(paths["json"], dict(meta=meta, rows=rows))
+    print(f"\nwrote {paths['csv']} and {paths['json']}")
+    return dict(rows=rows, paths=paths)
 
 
 if __name__ == "__main__":

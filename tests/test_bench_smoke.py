@@ -1,4 +1,4 @@
-"""A smoke run of the benchmark (benchmarks/bench.py --quick) into a temporary directory."""
+"""Smoke runs of the benchmarks (benchmarks/bench.py --quick, benchmarks/passes.py) into a temporary directory."""
 import csv
 import json
 import os
@@ -11,7 +11,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from benchmarks import bench, report  # noqa: E402
+from benchmarks import bench, passes, report  # noqa: E402
 
 
 @pytest.fixture
@@ -79,3 +79,16 @@ def test_quick_run_writes_results(tmp_path, restore_threads):
     assert payload["config"]["shapes"]
     plots = paths.get("plots", [])
     assert plots and all(os.path.getsize(p) > 0 for p in plots)
+
+
+def test_passes_run_writes_every_pass(tmp_path, restore_threads):
+    result = passes.main(["--shapes", "2x16x5x6", "--repeats", "1", "--min-time", "0", "--threads", "1",
+                          "--output", str(tmp_path)])
+    rows = result["rows"]
+    names = {r["pass"] for r in rows}
+    for name in ("read", "clone", "add", "channel_pool", "spatial_pool", "apply_gates", "spatial_gate_grad",
+                 "channel_gate_grad", "cbam_input_grad", "bam_combine product", "bam_combine_backward sum"):
+        assert name in names, name
+    assert {r["format"] for r in rows} == {"nchw", "channels_last"}
+    assert all(r["median_ms"] > 0 and r["floor_ms"] > 0 for r in rows)
+    assert read_csv(result["paths"]["csv"])[0]["command"].endswith("--output " + str(tmp_path))
