@@ -366,8 +366,11 @@ Tensor bam_combine_cpu(const Tensor& x_in, const Tensor& ca_in, const Tensor& sa
   return y;
 }
 
-Tensor bam_input_grad_cpu(const Tensor& grad_in, const Tensor& x_in, const Tensor& ca_in, const Tensor& sa_in,
-                          bool product, const optional<Tensor>& ga_in, const optional<Tensor>& partial_in) {
+namespace {
+
+// bam_input_grad; into_partial: dx overwrites grad_x_partial (in x's layout) element by element.
+Tensor input_grad(const Tensor& grad_in, const Tensor& x_in, const Tensor& ca_in, const Tensor& sa_in, bool product,
+                  const optional<Tensor>& ga_in, const optional<Tensor>& partial_in, bool into_partial) {
   constexpr const char* op = "attnkern::bam_input_grad";
   const Args a = prepare(op, x_in, ca_in, sa_in);
   check_like_x(op, "grad", grad_in, x_in);
@@ -392,7 +395,7 @@ Tensor bam_input_grad_cpu(const Tensor& grad_in, const Tensor& x_in, const Tenso
   if (partial_in.has_value()) {
     partial = in_layout(*partial_in, a.layout);
   }
-  Tensor dx = at::empty_like(a.x);
+  Tensor dx = into_partial && partial.has_value() ? *partial : at::empty_like(a.x);
   if (dx.numel() == 0) {
     return dx;
   }
@@ -416,6 +419,18 @@ Tensor bam_input_grad_cpu(const Tensor& grad_in, const Tensor& x_in, const Tenso
     });
   });
   return dx;
+}
+
+}  // namespace
+
+Tensor bam_input_grad_cpu(const Tensor& grad, const Tensor& x, const Tensor& ca, const Tensor& sa, bool product,
+                          const optional<Tensor>& grad_avg, const optional<Tensor>& grad_x_partial) {
+  return input_grad(grad, x, ca, sa, product, grad_avg, grad_x_partial, false);
+}
+
+Tensor bam_input_grad_into_partial_cpu(const Tensor& grad, const Tensor& x, const Tensor& ca, const Tensor& sa,
+                                       bool product, const Tensor& grad_avg, const Tensor& grad_x_partial) {
+  return input_grad(grad, x, ca, sa, product, grad_avg, grad_x_partial, true);
 }
 
 std::tuple<Tensor, Tensor> bam_combine_backward_cpu(const Tensor& grad_in, const Tensor& x_in, const Tensor& ca_in,

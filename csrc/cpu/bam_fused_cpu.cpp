@@ -304,8 +304,9 @@ BackwardOutputs bam_fused_backward_cpu(const Tensor& grad_in, const Tensor& x_in
   const StackGrads spatial =
       stack_backward(grad_spatial.view({n, 1, h, w}), x, spatial_weights(weights), biases.slice(kChannelLayers),
                      vector<Bn>(bns.begin() + 1, bns.end()), hidden.slice(1), dilation, acc);
-  Tensor dx = bam_input_grad_cpu(grad, x, channel_att, spatial_att, product, channel.grad_input.view({n, c}),
-                                 in_layout(spatial.grad_input, layout_of(x)));
+  // The reduce conv's input gradient is this op's own temporary: dx overwrites it.
+  Tensor dx = bam_input_grad_into_partial_cpu(grad, x, channel_att, spatial_att, product,
+                                              channel.grad_input.view({n, c}), spatial.grad_input);
   return {dx, like_params(concat(channel.weights, spatial.weights), weights),
           like_params(concat(channel.biases, spatial.biases), biases),
           like_params(concat(channel.gammas, spatial.gammas), bn_weights),

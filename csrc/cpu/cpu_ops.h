@@ -39,5 +39,10 @@ std::tuple<at::Tensor, at::Tensor> bam_combine_backward_cpu(const at::Tensor& gr
 at::Tensor bam_input_grad_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& channel_att,
                               const at::Tensor& spatial_att, bool product, const std::optional<at::Tensor>& grad_avg,
                               const std::optional<at::Tensor>& grad_x_partial);
+// bam_input_grad written into grad_x_partial's memory (when it is in x's layout), which the caller
+// owns: no second full-size buffer, and the writes land on lines the pass has just read.
+at::Tensor bam_input_grad_into_partial_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& channel_att,
+                                           const at::Tensor& spatial_att, bool product, const at::Tensor& grad_avg,
+                                           const at::Tensor& grad_x_partial);
 
 }  // namespace attnkern::cpu
