@@ -321,6 +321,29 @@ def test_whole_op_forward_without_argmax(backend, device, dtype, channels_last, 
     assert ops.cbam_fused_forward(*args, False)[5].shape == (n, h, w)
 
 
+@pytest.mark.parametrize("backend,device", WHOLE_OP_PAIRS)
+@pytest.mark.parametrize("name,args", [("SE", (40, 4)), ("ChannelGate", (40, 4)), ("ChannelGate", (300, 16))])
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_channel_gate_inference(backend, device, name, args, fmt, dtype):
+    """Channel-gate-only inference, where the CPU kernel takes a sample per thread (N >= threads
+    and a small MLP; N = 1 with two threads takes the batched path): against the reference, with
+    a NaN that must turn its own sample's output to NaN and leave the others alone."""
+    ref, fused = make_modules(name, args, {}, backend, device)
+    ref, fused = ref.eval().to(device), fused.eval().to(dtype=torch.float32 if dtype == torch.bfloat16 else dtype)
+    for n in (max(2, torch.get_num_threads()), 1):
+        # 17 x 19 maps: a sample is then over 4x the MLP's weights even in bf16 (the per-sample rule).
+        x = torch.randn(n, args[0], 17, 19, dtype=torch.float64).to(device=device, dtype=dtype, memory_format=fmt)
+        x[0, 3, 4, 5] = float("nan")
+        with torch.no_grad():
+            y, expected = fused(x), ref(x.double()).to(dtype)  # the float64 reference on the same input
+        assert y.is_contiguous(memory_format=fmt)
+        torch.testing.assert_close(y, expected, equal_nan=True, **TOLERANCES[dtype])
+        assert torch.isnan(y[0]).all() and not torch.isnan(y[1:]).any()
+    if name == "SE":  # SE has no argmax to keep, so training takes the per-sample forward too
+        assert_matches(ref, fused, torch.randn(2, args[0], 17, 19, dtype=torch.float64), dtype, fmt, device, True)
+
+
 @pytest.mark.parametrize("backend,device", PAIRS)
 def test_double_backward_is_refused(backend, device):
     """No backend differentiates its backward: create_graph must fail loudly, not drop terms."""

@@ -213,6 +213,98 @@ void apply_gates_kernel(const at::Tensor& x, Layout layout, const at::Tensor& cg
   }
 }
 
+// ---- channel gate alone, one sample at a time -------------------------------------------------
+
+// The shared MLP's parameters (acc, contiguous): fc1 (Ch, C), fc2 (C, Ch); biases may be null.
+template <typename A>
+struct MlpWeights {
+  const A *fc1_weight, *fc1_bias, *fc2_weight, *fc2_bias;
+  int64_t hidden;
+};
+
+// The channel-gate-only forward (SE, a ChannelGate whose max needs no argmax) with whole samples
+// per thread: pool a sample, run the MLP on its pools and scale it by its gate while it is still in
+// the thread's L2, so that the second read of x comes from cache. pools: (P, N, C), P = use_avg +
+// use_max; gate (N, C); both acc.
+template <typename T>
+void channel_gate_per_sample_kernel(const at::Tensor& x, Layout layout, const MlpWeights<acc_t<T>>& mlp,
+                                    bool use_avg, bool use_max, const at::Tensor& pools, const at::Tensor& gate,
+                                    const at::Tensor& y) {
+  using A = acc_t<T>;
+  using V = Vectorized<A>;
+  constexpr int64_t L = V::size();
+  const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3), Ch = mlp.hidden;
+  const T* xp = x.const_data_ptr<T>();
+  T* yp = y.data_ptr<T>();
+  A* pools_p = pools.data_ptr<A>();
+  A* gate_p = gate.data_ptr<A>();
+  at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
+    std::vector<A> avg(C), mx(C), hidden(Ch);
+    for (int64_t n = n0; n < n1; ++n) {
+      const T* xs = xp + n * C * HW;
+      T* ys = yp + n * C * HW;
+      if (layout == Layout::NCHW) {
+        for (int64_t c = 0; c < C; ++c) {
+          const auto r = row_stats<T, false, false>(xs + c * HW, nullptr, HW);
+          avg[c] = r.sum / A(HW);
+          mx[c] = r.max;
+        }
+      } else {
+        Scratch<A, kCols> sum, best;
+        for (int64_t c0 = 0; c0 < C; c0 += kCols) {
+          const int64_t cols = std::min(kCols, C - c0);
+          const int64_t padded = divup(cols, L) * L;
+          std::fill(sum.data, sum.data + padded, A(0));
+          std::fill(best.data, best.data + padded, -std::numeric_limits<A>::infinity());
+          col_stats<T, false, false>(xs + c0, C, HW, cols, nullptr, sum.data, best.data, nullptr);
+          for (int64_t j = 0; j < cols; ++j) {
+            const auto r = col_stats_result<T, false, false>(xs + c0, C, HW, nullptr, sum.data, best.data, nullptr, j);
+            avg[c0 + j] = r.sum / A(HW);
+            mx[c0 + j] = r.max;
+          }
+        }
+      }
+      // gate = sigmoid(fc2(sum over the pools of relu(fc1(pool)))): fc2 is linear, so the hidden
+      // activations are summed first and fc2's bias counted once per pool.
+      std::fill(hidden.begin(), hidden.end(), A(0));
+      int64_t p = 0;
+      for (const std::vector<A>* pool : {use_avg ? &avg : nullptr, use_max ? &mx : nullptr}) {
+        if (pool == nullptr) {
+          continue;
+        }
+        std::copy(pool->begin(), pool->end(), pools_p + (p++ * N + n) * C);
+        for (int64_t h = 0; h < Ch; ++h) {
+          const A* w = mlp.fc1_weight + h * C;
+          const A z = row_sum<A>(C, [&](int64_t j, int64_t cnt) {
+            return load_acc_n(w + j, cnt) * load_acc_n(pool->data() + j, cnt);
+          });
+          const A pre = z + (mlp.fc1_bias ? mlp.fc1_bias[h] : A(0));
+          hidden[h] += std::isnan(pre) ? pre : std::max(A(0), pre);  // ReLU that keeps NaN, as torch.relu
+        }
+      }
+      A* g = gate_p + n * C;
+      for (int64_t c = 0; c < C; ++c) {
+        const A* w = mlp.fc2_weight + c * Ch;
+        const A z = row_sum<A>(Ch, [&](int64_t j, int64_t cnt) {
+          return load_acc_n(w + j, cnt) * load_acc_n(hidden.data() + j, cnt);
+        });
+        g[c] = A(1) / (A(1) + std::exp(-(z + (mlp.fc2_bias ? A(p) * mlp.fc2_bias[c] : A(0)))));
+      }
+      if (layout == Layout::NCHW) {
+        for (int64_t c = 0; c < C; ++c) {
+          const V gv(g[c]);
+          map_range(ys + c * HW, 0, HW, [&](int64_t j, int64_t cnt) { return load_n(xs + c * HW + j, cnt) * gv; });
+        }
+      } else {
+        for (int64_t r = 0; r < HW; ++r) {
+          map_range(ys + r * C, 0, C,
+                    [&](int64_t j, int64_t cnt) { return load_n(xs + r * C + j, cnt) * load_acc_n(g + j, cnt); });
+        }
+      }
+    }
+  });
+}
+
 // ---- spatial_gate_grad ----------------------------------------------------------------------
 
 template <typename T>
@@ -727,6 +819,40 @@ Tensor apply_gates_cpu(const Tensor& x_in, const Tensor& cgate_in, const optiona
     apply_gates_kernel<scalar_t>(p.x, p.layout, cgate, sgate.has_value() ? &*sgate : nullptr, y);
   });
   return y;
+}
+
+std::tuple<Tensor, Tensor, Tensor> channel_gate_forward_cpu(const Tensor& x_in, const Tensor& fc1_weight,
+                                                            const optional<Tensor>& fc1_bias,
+                                                            const Tensor& fc2_weight,
+                                                            const optional<Tensor>& fc2_bias, bool use_avg,
+                                                            bool use_max) {
+  constexpr const char* op = "attnkern::cbam_fused_forward";
+  auto p = prepare(op, x_in);
+  TORCH_CHECK(use_vec_kernels(), op, ": the per-sample channel gate needs the vector kernels");
+  TORCH_CHECK(use_avg || use_max, op, ": the channel gate needs an avg or a max pool");
+  const int64_t N = x_in.size(0), C = x_in.size(1), Ch = fc1_weight.size(0);
+  TORCH_CHECK(x_in.size(2) * x_in.size(3) > 0 || N * C == 0, op, ": cannot pool over an empty H*W (x has shape ",
+              x_in.sizes(), ")");
+  const Tensor w1 = check_small(op, "fc1_weight", fc1_weight, p.acc, {Ch, C}, x_in);
+  const Tensor w2 = check_small(op, "fc2_weight", fc2_weight, p.acc, {C, Ch}, x_in);
+  const optional<Tensor> b1 = fc1_bias ? optional<Tensor>(check_small(op, "fc1_bias", *fc1_bias, p.acc, {Ch}, x_in))
+                                       : std::nullopt;
+  const optional<Tensor> b2 = fc2_bias ? optional<Tensor>(check_small(op, "fc2_bias", *fc2_bias, p.acc, {C}, x_in))
+                                       : std::nullopt;
+  const auto opts = x_in.options().dtype(p.acc);
+  Tensor pools = at::empty({int64_t(use_avg) + int64_t(use_max), N, C}, opts);
+  Tensor gate = at::empty({N, C}, opts);
+  Tensor y = at::empty_like(p.x);
+  if (y.numel() == 0) {
+    return {y, pools, gate};
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.x.scalar_type(), "attnkern_channel_gate_cpu", [&] {
+    using A = acc_t<scalar_t>;
+    const MlpWeights<A> mlp{w1.const_data_ptr<A>(), b1 ? b1->const_data_ptr<A>() : nullptr, w2.const_data_ptr<A>(),
+                            b2 ? b2->const_data_ptr<A>() : nullptr, Ch};
+    channel_gate_per_sample_kernel<scalar_t>(p.x, p.layout, mlp, use_avg, use_max, pools, gate, y);
+  });
+  return {y, pools, gate};
 }
 
 Tensor spatial_gate_grad_cpu(const Tensor& grad_in, const Tensor& x_in, const Tensor& cgate_in) {

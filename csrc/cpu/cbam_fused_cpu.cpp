@@ -129,6 +129,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> spatial_backward(const Tensor
   return {grad_pooled, grad_conv_weight, grad_conv_bias, grad_bn_weight, grad_bn_bias};
 }
 
+// Whether a channel-gate-only forward (SE, ChannelGate) runs one sample per thread at a time
+// (channel_gate_forward_cpu: the second read of x then comes from L2): when every thread gets a
+// sample and the MLP's weights are small next to one (they are read once per sample).
+bool channel_gate_per_sample(const Tensor& x, const Tensor& fc1_weight) {
+  const int64_t sample_bytes = x.numel() / std::max<int64_t>(1, x.size(0)) * x.element_size();
+  const int64_t weight_bytes = 2 * fc1_weight.numel() * int64_t(sizeof(float));
+  return use_vec_kernels() && x.size(0) >= at::get_num_threads() && 4 * weight_bytes <= sample_bytes;
+}
+
 // x in the layout the kernels take natively (a copy only for other strides), so that each pass
 // does not make its own.
 Tensor dense(const Tensor& x) {
@@ -150,6 +159,16 @@ ForwardOutputs cbam_fused_forward_cpu(const Tensor& x_in, const optional<Tensor>
   const auto acc = acc_type_of(x.scalar_type());
   const auto acc_opts = x.options().dtype(acc);
   const auto long_opts = x.options().dtype(at::kLong);
+  const bool channel_only = fc1_weight.has_value() && !conv_weight.has_value();
+  if (channel_only && !(use_max && need_argmax) && channel_gate_per_sample(x, *fc1_weight)) {
+    const Mlp mlp = mlp_in(acc, *fc1_weight, fc1_bias, fc2_weight, fc2_bias);
+    auto [y, pools, channel_gate] = channel_gate_forward_cpu(x, mlp.fc1_weight, mlp.fc1_bias, mlp.fc2_weight,
+                                                             mlp.fc2_bias, use_avg, use_max);
+    // Placeholders for the absent outputs, each its own tensor: op outputs may not alias.
+    auto none = [&](const at::TensorOptions& o) { return at::empty({0}, o); };
+    return {y, pools, none(long_opts), channel_gate, none(acc_opts), none(long_opts), none(acc_opts),
+            none(acc_opts), none(acc_opts), none(acc_opts)};
+  }
   Tensor pools, channel_argmax, channel_gate;
   if (fc1_weight.has_value()) {
     TORCH_CHECK(use_avg || use_max, "attnkern::cbam_fused: the channel gate needs an avg or a max pool");

@@ -17,6 +17,12 @@ std::tuple<at::Tensor, at::Tensor> spatial_pool_cpu(const at::Tensor& x, const a
                                                     bool need_argmax);
 at::Tensor apply_gates_cpu(const at::Tensor& x, const at::Tensor& channel_gate,
                            const std::optional<at::Tensor>& spatial_gate);
+// The channel-gate-only forward (SE, ChannelGate; no argmax) with whole samples per thread, each
+// pooled, gated and scaled while it is in the thread's L2. MLP parameters in x's acc dtype.
+// Returns (y, pools (P, N, C), channel_gate (N, C)).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_gate_forward_cpu(
+    const at::Tensor& x, const at::Tensor& fc1_weight, const std::optional<at::Tensor>& fc1_bias,
+    const at::Tensor& fc2_weight, const std::optional<at::Tensor>& fc2_bias, bool use_avg, bool use_max);
 at::Tensor spatial_gate_grad_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& channel_gate);
 at::Tensor channel_gate_grad_cpu(const at::Tensor& grad, const at::Tensor& x,
                                  const std::optional<at::Tensor>& spatial_gate,
