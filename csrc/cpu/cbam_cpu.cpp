@@ -222,27 +222,27 @@ struct MlpWeights {
   int64_t hidden;
 };
 
-// The channel-gate-only forward (SE, a ChannelGate whose max needs no argmax) with whole samples
-// per thread: pool a sample, run the MLP on its pools and scale it by its gate while it is still in
-// the thread's L2, so that the second read of x comes from cache. pools: (P, N, C), P = use_avg +
-// use_max; gate (N, C); both acc.
+// The channel gate with whole samples per thread (no argmax): pool a sample, run the MLP on its
+// pools, then make the sample's second pass while it is still in the thread's L2, so that this read
+// of x comes from cache: y = x * gate (y defined: SE, ChannelGate) or CBAM's spatial pool of
+// x * gate (pooled (N, 2, HW) defined). pools: (P, N, C), P = use_avg + use_max; gate (N, C); acc.
 template <typename T>
 void channel_gate_per_sample_kernel(const at::Tensor& x, Layout layout, const MlpWeights<acc_t<T>>& mlp,
                                     bool use_avg, bool use_max, const at::Tensor& pools, const at::Tensor& gate,
-                                    const at::Tensor& y) {
+                                    const at::Tensor& y, const at::Tensor& pooled) {
   using A = acc_t<T>;
   using V = Vectorized<A>;
   constexpr int64_t L = V::size();
   const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3), Ch = mlp.hidden;
   const T* xp = x.const_data_ptr<T>();
-  T* yp = y.data_ptr<T>();
+  T* yp = y.defined() ? y.data_ptr<T>() : nullptr;
+  A* pooled_p = pooled.defined() ? pooled.data_ptr<A>() : nullptr;
   A* pools_p = pools.data_ptr<A>();
   A* gate_p = gate.data_ptr<A>();
   at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
     std::vector<A> avg(C), mx(C), hidden(Ch);
     for (int64_t n = n0; n < n1; ++n) {
       const T* xs = xp + n * C * HW;
-      T* ys = yp + n * C * HW;
       if (layout == Layout::NCHW) {
         for (int64_t c = 0; c < C; ++c) {
           const auto r = row_stats<T, false, false>(xs + c * HW, nullptr, HW);
@@ -290,6 +290,32 @@ void channel_gate_per_sample_kernel(const at::Tensor& x, Layout layout, const Ml
         });
         g[c] = A(1) / (A(1) + std::exp(-(z + (mlp.fc2_bias ? A(p) * mlp.fc2_bias[c] : A(0)))));
       }
+      if (pooled_p != nullptr) {  // the spatial pool of x * gate, as spatial_pool_kernel without argmax
+        A* avg_map = pooled_p + n * 2 * HW;
+        A* max_map = avg_map + HW;
+        if (layout == Layout::NCHW) {
+          Scratch<A, kSeg> sum, best;
+          for (int64_t h0 = 0; h0 < HW; h0 += kSeg) {
+            const int64_t cols = std::min(kSeg, HW - h0), padded = divup(cols, L) * L;
+            std::fill(sum.data, sum.data + padded, A(0));
+            std::fill(best.data, best.data + padded, -std::numeric_limits<A>::infinity());
+            col_stats<T, true, false>(xs + h0, HW, C, cols, g, sum.data, best.data, nullptr);
+            for (int64_t j = 0; j < cols; ++j) {
+              const auto r = col_stats_result<T, true, false>(xs + h0, HW, C, g, sum.data, best.data, nullptr, j);
+              avg_map[h0 + j] = r.sum / A(C);
+              max_map[h0 + j] = r.max;
+            }
+          }
+        } else {
+          for (int64_t r = 0; r < HW; ++r) {
+            const auto st = row_stats<T, true, false>(xs + r * C, g, C);
+            avg_map[r] = st.sum / A(C);
+            max_map[r] = st.max;
+          }
+        }
+        continue;
+      }
+      T* ys = yp + n * C * HW;
       if (layout == Layout::NCHW) {
         for (int64_t c = 0; c < C; ++c) {
           const V gv(g[c]);
@@ -821,17 +847,21 @@ Tensor apply_gates_cpu(const Tensor& x_in, const Tensor& cgate_in, const optiona
   return y;
 }
 
-std::tuple<Tensor, Tensor, Tensor> channel_gate_forward_cpu(const Tensor& x_in, const Tensor& fc1_weight,
-                                                            const optional<Tensor>& fc1_bias,
-                                                            const Tensor& fc2_weight,
-                                                            const optional<Tensor>& fc2_bias, bool use_avg,
-                                                            bool use_max) {
+namespace {
+
+// channel_gate_forward_cpu / channel_gate_spatial_pool_cpu: (y or pooled, pools, gate).
+std::tuple<Tensor, Tensor, Tensor> channel_gate_per_sample(const Tensor& x_in, const Tensor& fc1_weight,
+                                                           const optional<Tensor>& fc1_bias,
+                                                           const Tensor& fc2_weight,
+                                                           const optional<Tensor>& fc2_bias, bool use_avg,
+                                                           bool use_max, bool spatial_pool) {
   constexpr const char* op = "attnkern::cbam_fused_forward";
   auto p = prepare(op, x_in);
   TORCH_CHECK(use_vec_kernels(), op, ": the per-sample channel gate needs the vector kernels");
   TORCH_CHECK(use_avg || use_max, op, ": the channel gate needs an avg or a max pool");
-  const int64_t N = x_in.size(0), C = x_in.size(1), Ch = fc1_weight.size(0);
-  TORCH_CHECK(x_in.size(2) * x_in.size(3) > 0 || N * C == 0, op, ": cannot pool over an empty H*W (x has shape ",
+  const int64_t N = x_in.size(0), C = x_in.size(1), H = x_in.size(2), W = x_in.size(3), Ch = fc1_weight.size(0);
+  TORCH_CHECK(H * W > 0 || N * C == 0, op, ": cannot pool over an empty H*W (x has shape ", x_in.sizes(), ")");
+  TORCH_CHECK(C > 0 || !spatial_pool || N * H * W == 0, op, ": cannot take the max over an empty C (x has shape ",
               x_in.sizes(), ")");
   const Tensor w1 = check_small(op, "fc1_weight", fc1_weight, p.acc, {Ch, C}, x_in);
   const Tensor w2 = check_small(op, "fc2_weight", fc2_weight, p.acc, {C, Ch}, x_in);
@@ -842,17 +872,37 @@ std::tuple<Tensor, Tensor, Tensor> channel_gate_forward_cpu(const Tensor& x_in, 
   const auto opts = x_in.options().dtype(p.acc);
   Tensor pools = at::empty({int64_t(use_avg) + int64_t(use_max), N, C}, opts);
   Tensor gate = at::empty({N, C}, opts);
-  Tensor y = at::empty_like(p.x);
-  if (y.numel() == 0) {
-    return {y, pools, gate};
+  Tensor y = spatial_pool ? Tensor() : at::empty_like(p.x);
+  Tensor pooled = spatial_pool ? at::empty({N, 2, H, W}, opts) : Tensor();
+  Tensor& out = spatial_pool ? pooled : y;
+  if (N * C * H * W == 0) {
+    return {out, pools, gate};
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.x.scalar_type(), "attnkern_channel_gate_cpu", [&] {
     using A = acc_t<scalar_t>;
     const MlpWeights<A> mlp{w1.const_data_ptr<A>(), b1 ? b1->const_data_ptr<A>() : nullptr, w2.const_data_ptr<A>(),
                             b2 ? b2->const_data_ptr<A>() : nullptr, Ch};
-    channel_gate_per_sample_kernel<scalar_t>(p.x, p.layout, mlp, use_avg, use_max, pools, gate, y);
+    channel_gate_per_sample_kernel<scalar_t>(p.x, p.layout, mlp, use_avg, use_max, pools, gate, y, pooled);
   });
-  return {y, pools, gate};
+  return {out, pools, gate};
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor, Tensor> channel_gate_forward_cpu(const Tensor& x, const Tensor& fc1_weight,
+                                                            const optional<Tensor>& fc1_bias,
+                                                            const Tensor& fc2_weight,
+                                                            const optional<Tensor>& fc2_bias, bool use_avg,
+                                                            bool use_max) {
+  return channel_gate_per_sample(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, use_avg, use_max, false);
+}
+
+std::tuple<Tensor, Tensor, Tensor> channel_gate_spatial_pool_cpu(const Tensor& x, const Tensor& fc1_weight,
+                                                                 const optional<Tensor>& fc1_bias,
+                                                                 const Tensor& fc2_weight,
+                                                                 const optional<Tensor>& fc2_bias, bool use_avg,
+                                                                 bool use_max) {
+  return channel_gate_per_sample(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, use_avg, use_max, true);
 }
 
 Tensor spatial_gate_grad_cpu(const Tensor& grad_in, const Tensor& x_in, const Tensor& cgate_in) {

@@ -164,18 +164,26 @@ ForwardOutputs cbam_fused_forward_cpu(const Tensor& x_in, const optional<Tensor>
   const auto acc = acc_type_of(x.scalar_type());
   const auto acc_opts = x.options().dtype(acc);
   const auto long_opts = x.options().dtype(at::kLong);
-  const bool channel_only = fc1_weight.has_value() && !conv_weight.has_value();
-  if (channel_only && !(use_max && need_argmax) && channel_gate_per_sample(x, *fc1_weight)) {
+  // Placeholders for absent outputs are distinct tensors: op outputs may not alias.
+  Tensor pooled = at::empty({0}, acc_opts), spatial_argmax = at::empty({0}, long_opts);
+  Tensor spatial_gate = at::empty({0}, acc_opts), conv_out = at::empty({0}, acc_opts);
+  Tensor batch_mean = at::empty({0}, acc_opts), batch_var = at::empty({0}, acc_opts);
+  Tensor pools, channel_argmax = at::empty({0}, long_opts), channel_gate;
+  // Without argmaxes, the channel gate and the pass after it can run a sample per thread (see
+  // channel_gate_per_sample): the scaling (SE, ChannelGate) or the spatial pool (CBAM).
+  const bool argmax_needed = need_argmax && (use_max || conv_weight.has_value());
+  const bool per_sample = fc1_weight.has_value() && !argmax_needed && channel_gate_per_sample(x, *fc1_weight);
+  if (per_sample) {
     const Mlp mlp = mlp_in(acc, *fc1_weight, fc1_bias, fc2_weight, fc2_bias);
-    auto [y, pools, channel_gate] = channel_gate_forward_cpu(x, mlp.fc1_weight, mlp.fc1_bias, mlp.fc2_weight,
-                                                             mlp.fc2_bias, use_avg, use_max);
-    // Placeholders for the absent outputs, each its own tensor: op outputs may not alias.
-    auto none = [&](const at::TensorOptions& o) { return at::empty({0}, o); };
-    return {y, pools, none(long_opts), channel_gate, none(acc_opts), none(long_opts), none(acc_opts),
-            none(acc_opts), none(acc_opts), none(acc_opts)};
-  }
-  Tensor pools, channel_argmax, channel_gate;
-  if (fc1_weight.has_value()) {
+    if (!conv_weight.has_value()) {
+      auto [y, sample_pools, gate] = channel_gate_forward_cpu(x, mlp.fc1_weight, mlp.fc1_bias, mlp.fc2_weight,
+                                                              mlp.fc2_bias, use_avg, use_max);
+      return {y, sample_pools, channel_argmax, gate, pooled, spatial_argmax, spatial_gate, conv_out, batch_mean,
+              batch_var};
+    }
+    std::tie(pooled, pools, channel_gate) = channel_gate_spatial_pool_cpu(
+        x, mlp.fc1_weight, mlp.fc1_bias, mlp.fc2_weight, mlp.fc2_bias, use_avg, use_max);
+  } else if (fc1_weight.has_value()) {
     TORCH_CHECK(use_avg || use_max, "attnkern::cbam_fused: the channel gate needs an avg or a max pool");
     if (use_max) {
       auto [avg, mx, arg] = channel_pool_cpu(x, need_argmax);
@@ -186,21 +194,17 @@ ForwardOutputs cbam_fused_forward_cpu(const Tensor& x_in, const optional<Tensor>
       TORCH_CHECK(x.size(2) * x.size(3) > 0 || N * C == 0,
                   "attnkern::cbam_fused: cannot average over an empty H*W (x has shape ", x.sizes(), ")");
       pools = at::mean(x, {2, 3}, false, acc).unsqueeze(0);
-      channel_argmax = at::empty({0}, long_opts);
     }
     channel_gate = mlp_forward(pools, mlp_in(acc, *fc1_weight, fc1_bias, fc2_weight, fc2_bias));
   } else {
     pools = at::empty({0, N, C}, acc_opts);
-    channel_argmax = at::empty({0}, long_opts);
     channel_gate = at::ones({N, C}, acc_opts);
   }
-  // Placeholders for absent outputs are distinct tensors: op outputs may not alias.
-  Tensor pooled = at::empty({0}, acc_opts), spatial_argmax = at::empty({0}, long_opts);
-  Tensor spatial_gate = at::empty({0}, acc_opts), conv_out = at::empty({0}, acc_opts);
-  Tensor batch_mean = at::empty({0}, acc_opts), batch_var = at::empty({0}, acc_opts);
   optional<Tensor> spatial_gate_arg;
   if (conv_weight.has_value()) {
-    std::tie(pooled, spatial_argmax) = spatial_pool_cpu(x, channel_gate, need_argmax);
+    if (!per_sample) {
+      std::tie(pooled, spatial_argmax) = spatial_pool_cpu(x, channel_gate, need_argmax);
+    }
     conv_out = spatial_conv_cpu(pooled, conv_weight->to(acc), cast(conv_bias, acc));
     Tensor logits = conv_out;
     if (bn_weight.has_value()) {

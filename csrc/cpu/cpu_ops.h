@@ -23,6 +23,11 @@ at::Tensor apply_gates_cpu(const at::Tensor& x, const at::Tensor& channel_gate,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_gate_forward_cpu(
     const at::Tensor& x, const at::Tensor& fc1_weight, const std::optional<at::Tensor>& fc1_bias,
     const at::Tensor& fc2_weight, const std::optional<at::Tensor>& fc2_bias, bool use_avg, bool use_max);
+// The same per-sample channel gate whose second pass is CBAM's spatial pool of x * gate (no
+// argmax) instead of the scaling. Returns (pooled (N, 2, H, W), pools (P, N, C), channel_gate (N, C)).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_gate_spatial_pool_cpu(
+    const at::Tensor& x, const at::Tensor& fc1_weight, const std::optional<at::Tensor>& fc1_bias,
+    const at::Tensor& fc2_weight, const std::optional<at::Tensor>& fc2_bias, bool use_avg, bool use_max);
 at::Tensor spatial_gate_grad_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& channel_gate);
 at::Tensor channel_gate_grad_cpu(const at::Tensor& grad, const at::Tensor& x,
                                  const std::optional<at::Tensor>& spatial_gate,
