@@ -222,14 +222,17 @@ struct MlpWeights {
   int64_t hidden;
 };
 
-// The channel gate with whole samples per thread (no argmax): pool a sample, run the MLP on its
-// pools, then make the sample's second pass while it is still in the thread's L2, so that this read
-// of x comes from cache: y = x * gate (y defined: SE, ChannelGate) or CBAM's spatial pool of
-// x * gate (pooled (N, 2, HW) defined). pools: (P, N, C), P = use_avg + use_max; gate (N, C); acc.
-template <typename T>
+// The channel gate with whole samples per thread: pool a sample, run the MLP on its pools, then
+// make the sample's second pass while it is still in the thread's L2, so that this read of x comes
+// from cache: y = x * gate (y defined: SE, ChannelGate) or CBAM's spatial pool of x * gate (pooled
+// (N, 2, HW) defined). pools: (P, N, C), P = use_avg + use_max; gate (N, C); acc. kArg: also the
+// max pools' argmaxes (first maximum, NaN maximal), into channel_arg (N, C) when use_max and
+// spatial_arg (N, HW) with the spatial pool.
+template <typename T, bool kArg>
 void channel_gate_per_sample_kernel(const at::Tensor& x, Layout layout, const MlpWeights<acc_t<T>>& mlp,
                                     bool use_avg, bool use_max, const at::Tensor& pools, const at::Tensor& gate,
-                                    const at::Tensor& y, const at::Tensor& pooled) {
+                                    const at::Tensor& y, const at::Tensor& pooled, const at::Tensor& channel_arg,
+                                    const at::Tensor& spatial_arg) {
   using A = acc_t<T>;
   using V = Vectorized<A>;
   constexpr int64_t L = V::size();
@@ -239,30 +242,44 @@ void channel_gate_per_sample_kernel(const at::Tensor& x, Layout layout, const Ml
   A* pooled_p = pooled.defined() ? pooled.data_ptr<A>() : nullptr;
   A* pools_p = pools.data_ptr<A>();
   A* gate_p = gate.data_ptr<A>();
+  int64_t* carg_p = kArg && use_max ? channel_arg.data_ptr<int64_t>() : nullptr;
+  int64_t* sarg_p = kArg && pooled.defined() ? spatial_arg.data_ptr<int64_t>() : nullptr;
   at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
     std::vector<A> avg(C), mx(C), hidden(Ch);
+    std::vector<int64_t> arg(kArg ? C : 0);
     for (int64_t n = n0; n < n1; ++n) {
       const T* xs = xp + n * C * HW;
       if (layout == Layout::NCHW) {
         for (int64_t c = 0; c < C; ++c) {
-          const auto r = row_stats<T, false, false>(xs + c * HW, nullptr, HW);
+          const auto r = row_stats<T, false, kArg>(xs + c * HW, nullptr, HW);
           avg[c] = r.sum / A(HW);
           mx[c] = r.max;
+          if constexpr (kArg) {
+            arg[c] = r.arg;
+          }
         }
       } else {
-        Scratch<A, kCols> sum, best;
+        Scratch<A, kCols> sum, best, idx;
         for (int64_t c0 = 0; c0 < C; c0 += kCols) {
           const int64_t cols = std::min(kCols, C - c0);
           const int64_t padded = divup(cols, L) * L;
           std::fill(sum.data, sum.data + padded, A(0));
           std::fill(best.data, best.data + padded, -std::numeric_limits<A>::infinity());
-          col_stats<T, false, false>(xs + c0, C, HW, cols, nullptr, sum.data, best.data, nullptr);
+          std::fill(idx.data, idx.data + padded, c10::bit_cast<A>(bits_t<A>(0)));
+          col_stats<T, false, kArg>(xs + c0, C, HW, cols, nullptr, sum.data, best.data, idx.data);
           for (int64_t j = 0; j < cols; ++j) {
-            const auto r = col_stats_result<T, false, false>(xs + c0, C, HW, nullptr, sum.data, best.data, nullptr, j);
+            const auto r =
+                col_stats_result<T, false, kArg>(xs + c0, C, HW, nullptr, sum.data, best.data, idx.data, j);
             avg[c0 + j] = r.sum / A(HW);
             mx[c0 + j] = r.max;
+            if constexpr (kArg) {
+              arg[c0 + j] = r.arg;
+            }
           }
         }
+      }
+      if (carg_p != nullptr) {
+        std::copy(arg.begin(), arg.end(), carg_p + n * C);
       }
       // gate = sigmoid(fc2(sum over the pools of relu(fc1(pool)))): fc2 is linear, so the hidden
       // activations are summed first and fc2's bias counted once per pool.
@@ -293,24 +310,32 @@ void channel_gate_per_sample_kernel(const at::Tensor& x, Layout layout, const Ml
       if (pooled_p != nullptr) {  // the spatial pool of x * gate, as spatial_pool_kernel without argmax
         A* avg_map = pooled_p + n * 2 * HW;
         A* max_map = avg_map + HW;
+        int64_t* sarg = kArg ? sarg_p + n * HW : nullptr;
         if (layout == Layout::NCHW) {
-          Scratch<A, kSeg> sum, best;
+          Scratch<A, kSeg> sum, best, idx;
           for (int64_t h0 = 0; h0 < HW; h0 += kSeg) {
             const int64_t cols = std::min(kSeg, HW - h0), padded = divup(cols, L) * L;
             std::fill(sum.data, sum.data + padded, A(0));
             std::fill(best.data, best.data + padded, -std::numeric_limits<A>::infinity());
-            col_stats<T, true, false>(xs + h0, HW, C, cols, g, sum.data, best.data, nullptr);
+            std::fill(idx.data, idx.data + padded, c10::bit_cast<A>(bits_t<A>(0)));
+            col_stats<T, true, kArg>(xs + h0, HW, C, cols, g, sum.data, best.data, idx.data);
             for (int64_t j = 0; j < cols; ++j) {
-              const auto r = col_stats_result<T, true, false>(xs + h0, HW, C, g, sum.data, best.data, nullptr, j);
+              const auto r = col_stats_result<T, true, kArg>(xs + h0, HW, C, g, sum.data, best.data, idx.data, j);
               avg_map[h0 + j] = r.sum / A(C);
               max_map[h0 + j] = r.max;
+              if constexpr (kArg) {
+                sarg[h0 + j] = r.arg;
+              }
             }
           }
         } else {
           for (int64_t r = 0; r < HW; ++r) {
-            const auto st = row_stats<T, true, false>(xs + r * C, g, C);
+            const auto st = row_stats<T, true, kArg>(xs + r * C, g, C);
             avg_map[r] = st.sum / A(C);
             max_map[r] = st.max;
+            if constexpr (kArg) {
+              sarg[r] = st.arg;
+            }
           }
         }
         continue;
@@ -847,14 +872,10 @@ Tensor apply_gates_cpu(const Tensor& x_in, const Tensor& cgate_in, const optiona
   return y;
 }
 
-namespace {
-
-// channel_gate_forward_cpu / channel_gate_spatial_pool_cpu: (y or pooled, pools, gate).
-std::tuple<Tensor, Tensor, Tensor> channel_gate_per_sample(const Tensor& x_in, const Tensor& fc1_weight,
-                                                           const optional<Tensor>& fc1_bias,
-                                                           const Tensor& fc2_weight,
-                                                           const optional<Tensor>& fc2_bias, bool use_avg,
-                                                           bool use_max, bool spatial_pool) {
+PerSampleGate channel_gate_per_sample_cpu(const Tensor& x_in, const Tensor& fc1_weight,
+                                          const optional<Tensor>& fc1_bias, const Tensor& fc2_weight,
+                                          const optional<Tensor>& fc2_bias, bool use_avg, bool use_max,
+                                          bool spatial_pool, bool need_argmax) {
   constexpr const char* op = "attnkern::cbam_fused_forward";
   auto p = prepare(op, x_in);
   TORCH_CHECK(use_vec_kernels(), op, ": the per-sample channel gate needs the vector kernels");
@@ -863,6 +884,7 @@ std::tuple<Tensor, Tensor, Tensor> channel_gate_per_sample(const Tensor& x_in, c
   TORCH_CHECK(H * W > 0 || N * C == 0, op, ": cannot pool over an empty H*W (x has shape ", x_in.sizes(), ")");
   TORCH_CHECK(C > 0 || !spatial_pool || N * H * W == 0, op, ": cannot take the max over an empty C (x has shape ",
               x_in.sizes(), ")");
+  TORCH_CHECK(C < (int64_t(1) << 31), op, ": more than 2^31 - 1 channels are not supported");
   const Tensor w1 = check_small(op, "fc1_weight", fc1_weight, p.acc, {Ch, C}, x_in);
   const Tensor w2 = check_small(op, "fc2_weight", fc2_weight, p.acc, {C, Ch}, x_in);
   const optional<Tensor> b1 = fc1_bias ? optional<Tensor>(check_small(op, "fc1_bias", *fc1_bias, p.acc, {Ch}, x_in))
@@ -870,39 +892,32 @@ std::tuple<Tensor, Tensor, Tensor> channel_gate_per_sample(const Tensor& x_in, c
   const optional<Tensor> b2 = fc2_bias ? optional<Tensor>(check_small(op, "fc2_bias", *fc2_bias, p.acc, {C}, x_in))
                                        : std::nullopt;
   const auto opts = x_in.options().dtype(p.acc);
-  Tensor pools = at::empty({int64_t(use_avg) + int64_t(use_max), N, C}, opts);
-  Tensor gate = at::empty({N, C}, opts);
-  Tensor y = spatial_pool ? Tensor() : at::empty_like(p.x);
-  Tensor pooled = spatial_pool ? at::empty({N, 2, H, W}, opts) : Tensor();
-  Tensor& out = spatial_pool ? pooled : y;
+  const auto long_opts = x_in.options().dtype(at::kLong);
+  PerSampleGate out;
+  out.pools = at::empty({int64_t(use_avg) + int64_t(use_max), N, C}, opts);
+  out.channel_gate = at::empty({N, C}, opts);
+  out.channel_argmax = need_argmax && use_max ? at::empty({N, C}, long_opts) : at::empty({0}, long_opts);
+  out.spatial_argmax = need_argmax && spatial_pool ? at::empty({N, H, W}, long_opts) : at::empty({0}, long_opts);
+  out.y = spatial_pool ? Tensor() : at::empty_like(p.x);
+  out.pooled = spatial_pool ? at::empty({N, 2, H, W}, opts) : Tensor();
   if (N * C * H * W == 0) {
-    return {out, pools, gate};
+    return out;
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.x.scalar_type(), "attnkern_channel_gate_cpu", [&] {
     using A = acc_t<scalar_t>;
     const MlpWeights<A> mlp{w1.const_data_ptr<A>(), b1 ? b1->const_data_ptr<A>() : nullptr, w2.const_data_ptr<A>(),
                             b2 ? b2->const_data_ptr<A>() : nullptr, Ch};
-    channel_gate_per_sample_kernel<scalar_t>(p.x, p.layout, mlp, use_avg, use_max, pools, gate, y, pooled);
+    if (need_argmax) {
+      channel_gate_per_sample_kernel<scalar_t, true>(p.x, p.layout, mlp, use_avg, use_max, out.pools,
+                                                     out.channel_gate, out.y, out.pooled, out.channel_argmax,
+                                                     out.spatial_argmax);
+    } else {
+      channel_gate_per_sample_kernel<scalar_t, false>(p.x, p.layout, mlp, use_avg, use_max, out.pools,
+                                                      out.channel_gate, out.y, out.pooled, out.channel_argmax,
+                                                      out.spatial_argmax);
+    }
   });
-  return {out, pools, gate};
-}
-
-}  // namespace
-
-std::tuple<Tensor, Tensor, Tensor> channel_gate_forward_cpu(const Tensor& x, const Tensor& fc1_weight,
-                                                            const optional<Tensor>& fc1_bias,
-                                                            const Tensor& fc2_weight,
-                                                            const optional<Tensor>& fc2_bias, bool use_avg,
-                                                            bool use_max) {
-  return channel_gate_per_sample(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, use_avg, use_max, false);
-}
-
-std::tuple<Tensor, Tensor, Tensor> channel_gate_spatial_pool_cpu(const Tensor& x, const Tensor& fc1_weight,
-                                                                 const optional<Tensor>& fc1_bias,
-                                                                 const Tensor& fc2_weight,
-                                                                 const optional<Tensor>& fc2_bias, bool use_avg,
-                                                                 bool use_max) {
-  return channel_gate_per_sample(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, use_avg, use_max, true);
+  return out;
 }
 
 Tensor spatial_gate_grad_cpu(const Tensor& grad_in, const Tensor& x_in, const Tensor& cgate_in) {

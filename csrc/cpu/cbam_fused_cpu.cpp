@@ -129,12 +129,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> spatial_backward(const Tensor
   return {grad_pooled, grad_conv_weight, grad_conv_bias, grad_bn_weight, grad_bn_bias};
 }
 
-// Whether a channel-gate-only forward (SE, ChannelGate) runs one sample per thread at a time
-// (channel_gate_forward_cpu: the second read of x then comes from cache): when every thread gets a
-// sample and the MLP's weights are small next to one (they are read once per sample). In NHWC
+// Whether the channel gate and the pass after it run one sample per thread at a time
+// (channel_gate_per_sample_cpu: the second read of x then comes from cache): when every thread gets
+// a sample and the MLP's weights are small next to one (they are read once per sample). In NHWC
 // only for samples up to 2 MiB: its per-sample pool (a column reduction) is slower than the
 // batched path's, which the cache reuse pays for only while the sample stays in L2 / nearby L3
-// (measured: 8x512x28x28, 1.6 MB a sample, faster; 8x256x56x56, 3.2 MB, 1.27x slower).
+// (measured on SE: 8x512x28x28, 1.6 MB a sample, faster; 8x256x56x56, 3.2 MB, 1.27x slower).
 bool channel_gate_per_sample(const Tensor& x, const Tensor& fc1_weight) {
   constexpr int64_t kNhwcSampleBytes = int64_t(2) << 20;
   const int64_t sample_bytes = x.numel() / std::max<int64_t>(1, x.size(0)) * x.element_size();
@@ -169,20 +169,22 @@ ForwardOutputs cbam_fused_forward_cpu(const Tensor& x_in, const optional<Tensor>
   Tensor spatial_gate = at::empty({0}, acc_opts), conv_out = at::empty({0}, acc_opts);
   Tensor batch_mean = at::empty({0}, acc_opts), batch_var = at::empty({0}, acc_opts);
   Tensor pools, channel_argmax = at::empty({0}, long_opts), channel_gate;
-  // Without argmaxes, the channel gate and the pass after it can run a sample per thread (see
-  // channel_gate_per_sample): the scaling (SE, ChannelGate) or the spatial pool (CBAM).
-  const bool argmax_needed = need_argmax && (use_max || conv_weight.has_value());
-  const bool per_sample = fc1_weight.has_value() && !argmax_needed && channel_gate_per_sample(x, *fc1_weight);
+  // The channel gate and the pass after it (the scaling for SE / ChannelGate, the spatial pool for
+  // CBAM) a sample per thread where that pays (see channel_gate_per_sample).
+  const bool per_sample = fc1_weight.has_value() && channel_gate_per_sample(x, *fc1_weight);
   if (per_sample) {
     const Mlp mlp = mlp_in(acc, *fc1_weight, fc1_bias, fc2_weight, fc2_bias);
+    PerSampleGate gate = channel_gate_per_sample_cpu(x, mlp.fc1_weight, mlp.fc1_bias, mlp.fc2_weight, mlp.fc2_bias,
+                                                     use_avg, use_max, conv_weight.has_value(), need_argmax);
+    pools = gate.pools;
+    channel_gate = gate.channel_gate;
+    channel_argmax = gate.channel_argmax;
     if (!conv_weight.has_value()) {
-      auto [y, sample_pools, gate] = channel_gate_forward_cpu(x, mlp.fc1_weight, mlp.fc1_bias, mlp.fc2_weight,
-                                                              mlp.fc2_bias, use_avg, use_max);
-      return {y, sample_pools, channel_argmax, gate, pooled, spatial_argmax, spatial_gate, conv_out, batch_mean,
-              batch_var};
+      return {gate.y, pools, channel_argmax, channel_gate, pooled, spatial_argmax, spatial_gate, conv_out,
+              batch_mean, batch_var};
     }
-    std::tie(pooled, pools, channel_gate) = channel_gate_spatial_pool_cpu(
-        x, mlp.fc1_weight, mlp.fc1_bias, mlp.fc2_weight, mlp.fc2_bias, use_avg, use_max);
+    pooled = gate.pooled;
+    spatial_argmax = gate.spatial_argmax;
   } else if (fc1_weight.has_value()) {
     TORCH_CHECK(use_avg || use_max, "attnkern::cbam_fused: the channel gate needs an avg or a max pool");
     if (use_max) {

@@ -17,17 +17,19 @@ std::tuple<at::Tensor, at::Tensor> spatial_pool_cpu(const at::Tensor& x, const a
                                                     bool need_argmax);
 at::Tensor apply_gates_cpu(const at::Tensor& x, const at::Tensor& channel_gate,
                            const std::optional<at::Tensor>& spatial_gate);
-// The channel-gate-only forward (SE, ChannelGate; no argmax) with whole samples per thread, each
-// pooled, gated and scaled while it is in the thread's L2. MLP parameters in x's acc dtype.
-// Returns (y, pools (P, N, C), channel_gate (N, C)).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_gate_forward_cpu(
-    const at::Tensor& x, const at::Tensor& fc1_weight, const std::optional<at::Tensor>& fc1_bias,
-    const at::Tensor& fc2_weight, const std::optional<at::Tensor>& fc2_bias, bool use_avg, bool use_max);
-// The same per-sample channel gate whose second pass is CBAM's spatial pool of x * gate (no
-// argmax) instead of the scaling. Returns (pooled (N, 2, H, W), pools (P, N, C), channel_gate (N, C)).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_gate_spatial_pool_cpu(
-    const at::Tensor& x, const at::Tensor& fc1_weight, const std::optional<at::Tensor>& fc1_bias,
-    const at::Tensor& fc2_weight, const std::optional<at::Tensor>& fc2_bias, bool use_avg, bool use_max);
+// The channel gate with whole samples per thread (channel pool, MLP, then the sample's second pass
+// while it is in the thread's L2): y = x * Mc (SE, ChannelGate), or with spatial_pool CBAM's
+// spatial pool of x * Mc instead. MLP parameters in x's acc dtype. need_argmax: the max pools'
+// argmaxes too (else those outputs are empty).
+struct PerSampleGate {
+  at::Tensor y;       // undefined with spatial_pool
+  at::Tensor pooled;  // (N, 2, H, W) with spatial_pool, else undefined
+  at::Tensor pools, channel_gate, channel_argmax, spatial_argmax;
+};
+PerSampleGate channel_gate_per_sample_cpu(const at::Tensor& x, const at::Tensor& fc1_weight,
+                                          const std::optional<at::Tensor>& fc1_bias, const at::Tensor& fc2_weight,
+                                          const std::optional<at::Tensor>& fc2_bias, bool use_avg, bool use_max,
+                                          bool spatial_pool, bool need_argmax);
 at::Tensor spatial_gate_grad_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& channel_gate);
 at::Tensor channel_gate_grad_cpu(const at::Tensor& grad, const at::Tensor& x,
                                  const std::optional<at::Tensor>& spatial_gate,
