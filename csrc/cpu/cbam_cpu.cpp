@@ -118,54 +118,70 @@ void channel_pool_kernel(const at::Tensor& x, Layout layout, const at::Tensor& a
 
 // ---- spatial_pool ---------------------------------------------------------------------------
 
+// The spatial pool of one sample, x * gate over C for its pixels [h0, h1): avg_map[hw], max_map[hw]
+// and (kArg) arg_map[hw], the channel of the first maximum. NCHW: xs is the sample's first plane,
+// the tile's C planes are walked into tile-length buffers; NHWC: xs is its first pixel row.
+template <typename T, bool kArg>
+void spatial_pool_sample(const T* xs, Layout layout, int64_t C, int64_t HW, int64_t h0, int64_t h1,
+                         const acc_t<T>* gate, acc_t<T>* avg_map, acc_t<T>* max_map, int64_t* arg_map) {
+  using A = acc_t<T>;
+  constexpr int64_t L = Vectorized<A>::size();
+  if (layout == Layout::NHWC) {
+    for (int64_t r = h0; r < h1; ++r) {
+      const auto st = row_stats<T, true, kArg>(xs + r * C, gate, C);
+      avg_map[r] = st.sum / A(C);
+      max_map[r] = st.max;
+      if constexpr (kArg) {
+        arg_map[r] = st.arg;
+      }
+    }
+    return;
+  }
+  Scratch<A, kSeg> sum, best, idx;
+  for (int64_t t0 = h0; t0 < h1; t0 += kSeg) {
+    const int64_t cols = std::min(kSeg, h1 - t0), padded = divup(cols, L) * L;
+    std::fill(sum.data, sum.data + padded, A(0));
+    std::fill(best.data, best.data + padded, -std::numeric_limits<A>::infinity());
+    std::fill(idx.data, idx.data + padded, c10::bit_cast<A>(bits_t<A>(0)));
+    col_stats<T, true, kArg>(xs + t0, HW, C, cols, gate, sum.data, best.data, idx.data);
+    for (int64_t j = 0; j < cols; ++j) {
+      const auto r = col_stats_result<T, true, kArg>(xs + t0, HW, C, gate, sum.data, best.data, idx.data, j);
+      avg_map[t0 + j] = r.sum / A(C);
+      max_map[t0 + j] = r.max;
+      if constexpr (kArg) {
+        arg_map[t0 + j] = r.arg;
+      }
+    }
+  }
+}
+
 // kArg false: no argmax (arg is not written).
 template <typename T, bool kArg>
 void spatial_pool_kernel(const at::Tensor& x, Layout layout, const at::Tensor& gate, const at::Tensor& pooled,
                          const at::Tensor& arg) {
   using A = acc_t<T>;
-  constexpr int64_t L = Vectorized<A>::size();
   const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
   const T* xp = x.const_data_ptr<T>();
   const A* gp = gate.const_data_ptr<A>();
   A* pp = pooled.data_ptr<A>();
   int64_t* argp = kArg ? arg.data_ptr<int64_t>() : nullptr;
-  if (layout == Layout::NHWC) {
+  auto pool = [&](int64_t n, int64_t h0, int64_t h1) {
+    spatial_pool_sample<T, kArg>(xp + n * C * HW, layout, C, HW, h0, h1, gp + n * C, pp + n * 2 * HW,
+                                 pp + (n * 2 + 1) * HW, kArg ? argp + n * HW : nullptr);
+  };
+  if (layout == Layout::NHWC) {  // rows of C split evenly, across sample boundaries
     at::parallel_for(0, N * HW, task_grain(C), [&](int64_t begin, int64_t end) {
-      int64_t n = begin / HW, hw = begin % HW;
-      for (int64_t r = begin; r < end; ++r) {
-        const auto st = row_stats<T, true, kArg>(xp + r * C, gp + n * C, C);
-        pp[n * 2 * HW + hw] = st.sum / A(C);
-        pp[(n * 2 + 1) * HW + hw] = st.max;
-        if constexpr (kArg) {
-          argp[r] = st.arg;
-        }
-        if (++hw == HW) {
-          hw = 0;
-          ++n;
-        }
+      for (int64_t r = begin; r < end;) {
+        const int64_t n = r / HW, h1 = std::min(HW, r % HW + (end - r));
+        pool(n, r % HW, h1);
+        r += h1 - r % HW;
       }
     });
     return;
   }
   // NCHW: a task owns an HW tile of one sample and walks the C planes.
   const Tasks tk = nchw_tiles<T>(N, C, HW, kSeg);
-  run_tasks(tk, divup(HW, tk.nch) * C, [&](int64_t, int64_t n, int64_t h0, int64_t h1) {
-    Scratch<A, kSeg> sum, best, idx;
-    const int64_t cols = h1 - h0, padded = divup(cols, L) * L;
-    std::fill(sum.data, sum.data + padded, A(0));
-    std::fill(best.data, best.data + padded, -std::numeric_limits<A>::infinity());
-    std::fill(idx.data, idx.data + padded, c10::bit_cast<A>(bits_t<A>(0)));
-    const T* base = xp + n * C * HW + h0;
-    col_stats<T, true, kArg>(base, HW, C, cols, gp + n * C, sum.data, best.data, idx.data);
-    for (int64_t j = 0; j < cols; ++j) {
-      const auto r = col_stats_result<T, true, kArg>(base, HW, C, gp + n * C, sum.data, best.data, idx.data, j);
-      pp[n * 2 * HW + h0 + j] = r.sum / A(C);
-      pp[(n * 2 + 1) * HW + h0 + j] = r.max;
-      if constexpr (kArg) {
-        argp[n * HW + h0 + j] = r.arg;
-      }
-    }
-  });
+  run_tasks(tk, divup(HW, tk.nch) * C, [&](int64_t, int64_t n, int64_t h0, int64_t h1) { pool(n, h0, h1); });
 }
 
 // ---- apply_gates ----------------------------------------------------------------------------
@@ -307,37 +323,9 @@ void channel_gate_per_sample_kernel(const at::Tensor& x, Layout layout, const Ml
         });
         g[c] = A(1) / (A(1) + std::exp(-(z + (mlp.fc2_bias ? A(p) * mlp.fc2_bias[c] : A(0)))));
       }
-      if (pooled_p != nullptr) {  // the spatial pool of x * gate, as spatial_pool_kernel without argmax
-        A* avg_map = pooled_p + n * 2 * HW;
-        A* max_map = avg_map + HW;
-        int64_t* sarg = kArg ? sarg_p + n * HW : nullptr;
-        if (layout == Layout::NCHW) {
-          Scratch<A, kSeg> sum, best, idx;
-          for (int64_t h0 = 0; h0 < HW; h0 += kSeg) {
-            const int64_t cols = std::min(kSeg, HW - h0), padded = divup(cols, L) * L;
-            std::fill(sum.data, sum.data + padded, A(0));
-            std::fill(best.data, best.data + padded, -std::numeric_limits<A>::infinity());
-            std::fill(idx.data, idx.data + padded, c10::bit_cast<A>(bits_t<A>(0)));
-            col_stats<T, true, kArg>(xs + h0, HW, C, cols, g, sum.data, best.data, idx.data);
-            for (int64_t j = 0; j < cols; ++j) {
-              const auto r = col_stats_result<T, true, kArg>(xs + h0, HW, C, g, sum.data, best.data, idx.data, j);
-              avg_map[h0 + j] = r.sum / A(C);
-              max_map[h0 + j] = r.max;
-              if constexpr (kArg) {
-                sarg[h0 + j] = r.arg;
-              }
-            }
-          }
-        } else {
-          for (int64_t r = 0; r < HW; ++r) {
-            const auto st = row_stats<T, true, kArg>(xs + r * C, g, C);
-            avg_map[r] = st.sum / A(C);
-            max_map[r] = st.max;
-            if constexpr (kArg) {
-              sarg[r] = st.arg;
-            }
-          }
-        }
+      if (pooled_p != nullptr) {  // CBAM's spatial pool of x * gate
+        spatial_pool_sample<T, kArg>(xs, layout, C, HW, 0, HW, g, pooled_p + n * 2 * HW, pooled_p + (n * 2 + 1) * HW,
+                                     kArg ? sarg_p + n * HW : nullptr);
         continue;
       }
       T* ys = yp + n * C * HW;
