@@ -14,6 +14,8 @@
 //     NCHW: a task owns an HW tile of a sample and walks its C planes four at a time into
 //           tile-length buffers, vectorised over HW;
 //     NHWC: one contiguous row of C per pixel.
+//   per sample (channel_gate_per_sample_cpu): a thread takes whole samples and runs the
+//     channel pool, the MLP and the next pass (scaling, or the spatial pool) on each in turn.
 //   elementwise: apply_gates NCHW walks whole planes in storage order (HW tiles cut a plane
 //     into separate streams: up to 1.8x slower at HW = 3136), cbam_input_grad NCHW HW tiles
 //     through the C planes (channel ranges too when the batch is small; its argmax buckets are

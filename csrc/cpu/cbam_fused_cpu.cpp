@@ -5,7 +5,9 @@
 // passes as the Python composition in attnkern/ops/cbam.py, without its ~30 (forward) and ~60
 // (backward) Python-level calls, which cost more than the passes themselves at ResNet sizes.
 // The small math mirrors attnkern/ops/gate_math.py line for line; the tests hold both against
-// the reference modules.
+// the reference modules. Where it pays (channel_gate_per_sample), the channel pool, the MLP and
+// the pass after them run a sample per thread instead (channel_gate_per_sample_cpu), so that
+// pass reads the sample from cache; its MLP is the same math as dot products.
 
 #include <ATen/ATen.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
