@@ -33,12 +33,32 @@ namespace {
 
 // ---- channel_pool ---------------------------------------------------------------------------
 
+// Column statistics of the pixel rows [r0, r1) of one NHWC sample (xs: its first row), kCols
+// channels at a time into L1 buffers: emit(c, stats) for every channel, the argmax row relative to r0.
+template <typename T, bool kArg, typename Emit>
+void nhwc_channel_stats(const T* xs, int64_t C, int64_t r0, int64_t r1, const Emit& emit) {
+  using A = acc_t<T>;
+  constexpr int64_t L = Vectorized<A>::size();
+  Scratch<A, kCols> sum, best, idx;
+  const T* rows = xs + r0 * C;
+  for (int64_t c0 = 0; c0 < C; c0 += kCols) {
+    const int64_t cols = std::min(kCols, C - c0);
+    const int64_t padded = divup(cols, L) * L;
+    std::fill(sum.data, sum.data + padded, A(0));
+    std::fill(best.data, best.data + padded, -std::numeric_limits<A>::infinity());
+    std::fill(idx.data, idx.data + padded, c10::bit_cast<A>(bits_t<A>(0)));
+    col_stats<T, false, kArg>(rows + c0, C, r1 - r0, cols, nullptr, sum.data, best.data, idx.data);
+    for (int64_t j = 0; j < cols; ++j) {
+      emit(c0 + j, col_stats_result<T, false, kArg>(rows + c0, C, r1 - r0, nullptr, sum.data, best.data, idx.data, j));
+    }
+  }
+}
+
 // kArg false: no argmax (arg is not written).
 template <typename T, bool kArg>
 void channel_pool_kernel(const at::Tensor& x, Layout layout, const at::Tensor& avg, const at::Tensor& mx,
                          const at::Tensor& arg) {
   using A = acc_t<T>;
-  constexpr int64_t L = Vectorized<A>::size();
   const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
   const T* xp = x.const_data_ptr<T>();
   A* avgp = avg.data_ptr<A>();
@@ -70,30 +90,19 @@ void channel_pool_kernel(const at::Tensor& x, Layout layout, const at::Tensor& a
     parg.assign(N * nch * C, 0);
   }
   run_tasks(tk, divup(HW, nch) * C, [&](int64_t t, int64_t n, int64_t r0, int64_t r1) {
-    Scratch<A, kCols> sum, best, idx;
-    for (int64_t c0 = 0; c0 < C; c0 += kCols) {
-      const int64_t cols = std::min(kCols, C - c0);
-      const int64_t padded = divup(cols, L) * L;
-      std::fill(sum.data, sum.data + padded, A(0));
-      std::fill(best.data, best.data + padded, -std::numeric_limits<A>::infinity());
-      std::fill(idx.data, idx.data + padded, c10::bit_cast<A>(bits_t<A>(0)));
-      const T* base = xp + (n * HW + r0) * C + c0;
-      col_stats<T, false, kArg>(base, C, r1 - r0, cols, nullptr, sum.data, best.data, idx.data);
-      for (int64_t j = 0; j < cols; ++j) {
-        const auto r = col_stats_result<T, false, kArg>(base, C, r1 - r0, nullptr, sum.data, best.data, idx.data, j);
-        if (nch == 1) {
-          avgp[n * C + c0 + j] = r.sum / A(HW);
-          mxp[n * C + c0 + j] = r.max;
-          if constexpr (kArg) {
-            argp[n * C + c0 + j] = r.arg;
-          }
-        } else {
-          psum[t * C + c0 + j] = r.sum;
-          pmax[t * C + c0 + j] = r.max;
-          parg[t * C + c0 + j] = r.arg + r0;
+    nhwc_channel_stats<T, kArg>(xp + n * HW * C, C, r0, r1, [&](int64_t c, const RowStats<A>& r) {
+      if (nch == 1) {
+        avgp[n * C + c] = r.sum / A(HW);
+        mxp[n * C + c] = r.max;
+        if constexpr (kArg) {
+          argp[n * C + c] = r.arg;
         }
+      } else {
+        psum[t * C + c] = r.sum;
+        pmax[t * C + c] = r.max;
+        parg[t * C + c] = r.arg + r0;
       }
-    }
+    });
   });
   if (nch > 1) {
     at::parallel_for(0, N * C, task_grain(nch), [&](int64_t begin, int64_t end) {
@@ -253,7 +262,6 @@ void channel_gate_per_sample_kernel(const at::Tensor& x, Layout layout, const Ml
                                     const at::Tensor& spatial_arg) {
   using A = acc_t<T>;
   using V = Vectorized<A>;
-  constexpr int64_t L = V::size();
   const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3), Ch = mlp.hidden;
   const T* xp = x.const_data_ptr<T>();
   T* yp = y.defined() ? y.data_ptr<T>() : nullptr;
@@ -265,36 +273,21 @@ void channel_gate_per_sample_kernel(const at::Tensor& x, Layout layout, const Ml
   at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
     std::vector<A> avg(C), mx(C), hidden(Ch);
     std::vector<int64_t> arg(kArg ? C : 0);
+    auto keep = [&](int64_t c, const RowStats<A>& r) {
+      avg[c] = r.sum / A(HW);
+      mx[c] = r.max;
+      if constexpr (kArg) {
+        arg[c] = r.arg;
+      }
+    };
     for (int64_t n = n0; n < n1; ++n) {
       const T* xs = xp + n * C * HW;
       if (layout == Layout::NCHW) {
         for (int64_t c = 0; c < C; ++c) {
-          const auto r = row_stats<T, false, kArg>(xs + c * HW, nullptr, HW);
-          avg[c] = r.sum / A(HW);
-          mx[c] = r.max;
-          if constexpr (kArg) {
-            arg[c] = r.arg;
-          }
+          keep(c, row_stats<T, false, kArg>(xs + c * HW, nullptr, HW));
         }
       } else {
-        Scratch<A, kCols> sum, best, idx;
-        for (int64_t c0 = 0; c0 < C; c0 += kCols) {
-          const int64_t cols = std::min(kCols, C - c0);
-          const int64_t padded = divup(cols, L) * L;
-          std::fill(sum.data, sum.data + padded, A(0));
-          std::fill(best.data, best.data + padded, -std::numeric_limits<A>::infinity());
-          std::fill(idx.data, idx.data + padded, c10::bit_cast<A>(bits_t<A>(0)));
-          col_stats<T, false, kArg>(xs + c0, C, HW, cols, nullptr, sum.data, best.data, idx.data);
-          for (int64_t j = 0; j < cols; ++j) {
-            const auto r =
-                col_stats_result<T, false, kArg>(xs + c0, C, HW, nullptr, sum.data, best.data, idx.data, j);
-            avg[c0 + j] = r.sum / A(HW);
-            mx[c0 + j] = r.max;
-            if constexpr (kArg) {
-              arg[c0 + j] = r.arg;
-            }
-          }
-        }
+        nhwc_channel_stats<T, kArg>(xs, C, 0, HW, keep);
       }
       if (carg_p != nullptr) {
         std::copy(arg.begin(), arg.end(), carg_p + n * C);
