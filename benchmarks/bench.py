@@ -199,7 +199,7 @@ def git_revision():
     return rev + ("+dirty" if dirty else "")
 
 
-def metadata(cfg, argv, threads):
+def metadata(cfg, argv, threads, module="benchmarks.bench"):
     try:
         import triton
 
@@ -219,7 +219,7 @@ def metadata(cfg, argv, threads):
         python=platform.python_version(),
         platform=platform.platform(),
         threads=threads,
-        command=" ".join(shlex.quote(a) for a in [sys.executable, "-m", "benchmarks.bench", *argv]),
+        command=" ".join(shlex.quote(a) for a in [sys.executable, "-m", module, *argv]),
         load_average=list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         available_backends=cfg["available_backends"],
         timed_backends=cfg["backends"],

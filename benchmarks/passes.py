@@ -15,8 +15,6 @@ a write: `3-pass floor`), with and without the max pools' argmax bookkeeping.
 import argparse
 import datetime
 import os
-import platform
-import shlex
 import sys
 
 import torch
@@ -24,7 +22,7 @@ import torch
 import attnkern  # noqa: F401  (registers the ops)
 from attnkern.backends import available_backends, get_kernels, has_whole_op
 from benchmarks import report
-from benchmarks.bench import cpu_count, device_name, git_revision
+from benchmarks.bench import cpu_count, metadata
 from benchmarks.cases import DTYPES, FORMATS, parse_shape, shape_str
 from benchmarks.timing import (CpuSampler, keep_freed_memory, last_level_cache_bytes, rotation_count, time_cuda)
 
@@ -166,19 +164,9 @@ def main(argv=None):
     print(table(rows))
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     prefix = os.path.join(report.ensure_dir(args.output), f"passes_{device.type}_{stamp}")
-    meta = dict(
-        timestamp=datetime.datetime.now(datetime.timezone.utc).astimezone().isoformat(timespec="seconds"),
-        device=str(device), device_name=device_name(device), torch=torch.__version__, git=git_revision(),
-        python=platform.python_version(), threads=torch.get_num_threads() if device.type == "cpu" else None,
-        malloc=args.malloc, load_average=list(os.getloadavg()),
-        command=" ".join(shlex.quote(a) for a in [sys.executable, "-m", "benchmarks.passes", *argv]),
-    )
-    try:
-        import triton
-
-        meta["triton"] = triton.__version__
-    except ImportError:
-        meta["triton"] = None
+    cfg = dict(device=device, available_backends=available_backends(device), backends=[backend])
+    meta = dict(metadata(cfg, argv, torch.get_num_threads() if device.type == "cpu" else None, "benchmarks.passes"),
+                malloc=args.malloc)
     paths = dict(csv=f"{prefix}.csv", json=f"{prefix}.json")
     report.write_csv(paths["csv"], rows, COLUMNS, meta)
     report.write_json(paths["json"], dict(meta=meta, rows=rows))
