@@ -325,17 +325,18 @@ def test_whole_op_forward_without_argmax(backend, device, dtype, channels_last, 
 
 @pytest.mark.parametrize("backend,device", WHOLE_OP_PAIRS)
 @pytest.mark.parametrize(
-    "name,args", [("SE", (40, 4)), ("ChannelGate", (40, 4)), ("ChannelGate", (300, 16)), ("CBAM", (40, 4)),
-                  ("CBAM", (300, 16))]
+    "name,args,kwargs", [("SE", (40, 4), {}), ("ChannelGate", (40, 4), {}), ("ChannelGate", (300, 16), {}),
+                         ("CBAM", (40, 4), {}), ("CBAM", (300, 16), {}),
+                         ("CBAM", (40, 4), {"spatial_norm": False, "kernel_size": 3})]
 )
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-def test_inference_per_sample(backend, device, name, args, fmt, dtype):
-    """Inference, where the CPU kernel runs the channel gate and the pass after it (the scaling, or
-    CBAM's spatial pool) a sample per thread (N >= threads and a small MLP; N = 1 with two threads
-    takes the batched path): against the reference, with a NaN that must turn its own sample's
-    output to NaN and leave the others alone."""
-    ref, fused = make_modules(name, args, {}, backend, device)
+def test_inference_per_sample(backend, device, name, args, kwargs, fmt, dtype):
+    """Inference, where the CPU kernel runs the whole gate a sample per thread (N >= threads and a
+    small MLP; N = 1 with two threads takes the batched path): the channel gate and the scaling, or
+    for CBAM the spatial pool, conv, BN with running statistics, sigmoid and scaling. Against the
+    reference, with a NaN that must turn its own sample's output to NaN and leave the others alone."""
+    ref, fused = make_modules(name, args, kwargs, backend, device)
     ref, fused = ref.eval().to(device), fused.eval().to(dtype=torch.float32 if dtype == torch.bfloat16 else dtype)
     for n in (max(2, torch.get_num_threads()), 1):
         # 17 x 19 maps: a sample is then over 4x the MLP's weights even in bf16 (the per-sample rule).
@@ -346,7 +347,8 @@ def test_inference_per_sample(backend, device, name, args, fmt, dtype):
         assert y.is_contiguous(memory_format=fmt)
         torch.testing.assert_close(y, expected, equal_nan=True, **TOLERANCES[dtype])
         assert torch.isnan(y[0]).all() and not torch.isnan(y[1:]).any()
-    if name == "SE":  # SE has no argmax to keep, so training takes the per-sample forward too
+    # Training takes the per-sample forward too where no BN needs the batch's statistics.
+    if name == "SE" or kwargs.get("spatial_norm") is False:
         assert_matches(ref, fused, torch.randn(2, args[0], 17, 19, dtype=torch.float64), dtype, fmt, device, True)
 
 

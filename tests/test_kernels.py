@@ -189,6 +189,30 @@ def test_max_ties_and_nan_pick_first(backend, device):
 
 
 @pytest.mark.parametrize("backend,device", PAIRS)
+@pytest.mark.parametrize("channels", [64, 130, 200, 300, 512, 600])
+def test_channel_pool_ties_everywhere(backend, device, channels):
+    """Small integers, so that most maxima tie, in both layouts and at the C that take the CPU's
+    other NHWC walks (several buffer sets for 128 <= C <= 512, column blocks beyond): argmax is the
+    first maximal pixel, against torch.max; NaN maximal; an all -inf channel gives pixel 0."""
+    k = get_kernels(backend)
+    g = torch.Generator().manual_seed(channels)
+    x = torch.randint(0, 4, (2, channels, 5, 7), generator=g).float()
+    x[0, 1] = float("-inf")
+    x[1, 2, 3, 1] = float("nan")
+    x[1, 3, 0, 2] = float("nan")
+    x[1, 3, 4, 6] = float("nan")
+    x = x.to(device)
+    ravg, rmx, rarg = reference("channel_pool", x)
+    for fmt in MEMORY_FORMATS:
+        for dtype in (torch.float32, torch.float64):
+            avg, mx, arg = k.channel_pool(x.to(dtype).contiguous(memory_format=fmt))
+            torch.testing.assert_close(avg.double(), ravg, equal_nan=True, **TOLERANCES[dtype])
+            torch.testing.assert_close(mx.double(), rmx, equal_nan=True)
+            assert torch.equal(arg, rarg), f"argmax {fmt} {dtype}"
+    assert arg[0, 1].item() == 0 and arg[1, 2].item() == 3 * 7 + 1 and arg[1, 3].item() == 2
+
+
+@pytest.mark.parametrize("backend,device", PAIRS)
 def test_rejects_bad_input(backend, device):
     k = get_kernels(backend)
     with pytest.raises((RuntimeError, ValueError, TypeError), match="(?i)dim|rank|4"):

@@ -8,14 +8,16 @@
 //     NCHW: one contiguous plane per (n, c) (channel_gate_grad with spatial terms: HW tiles,
 //           all C planes each, so the tile's per-pixel maps stay in L1);
 //     NHWC: C is innermost, so lanes run across C and the rows (pixels) of a chunk are
-//           accumulated into column buffers, four rows per buffer load/store; chunk results are
-//           merged in order.
+//           accumulated into column buffers (see nhwc_channel_stats); chunk results are merged
+//           in order.
 //   over C (spatial_pool, spatial_gate_grad):
 //     NCHW: a task owns an HW tile of a sample and walks its C planes four at a time into
 //           tile-length buffers, vectorised over HW;
 //     NHWC: one contiguous row of C per pixel.
 //   per sample (channel_gate_per_sample_cpu): a thread takes whole samples and runs the
-//     channel pool, the MLP and the next pass (scaling, or the spatial pool) on each in turn.
+//     channel pool, the MLP and what follows on each in turn: the scaling (SE, ChannelGate), or
+//     CBAM's spatial pool, and unless BN needs the batch's statistics its conv, BN, sigmoid and
+//     the scaling too.
 //   elementwise: apply_gates NCHW walks whole planes in storage order (HW tiles cut a plane
 //     into separate streams: up to 1.8x slower at HW = 3136), cbam_input_grad NCHW HW tiles
 //     through the C planes (channel ranges too when the batch is small; its argmax buckets are
@@ -26,6 +28,7 @@
 // it is in cache, instead of comparing indices at every element.
 #include "cpu/cpu_ops.h"
 #include "cpu/cpu_utils.h"
+#include "cpu/spatial_conv.h"
 
 ATTNKERN_VEC_BEGIN
 namespace attnkern::cpu {
@@ -33,21 +36,32 @@ namespace {
 
 // ---- channel_pool ---------------------------------------------------------------------------
 
-// Column statistics of the pixel rows [r0, r1) of one NHWC sample (xs: its first row), kCols
-// channels at a time into L1 buffers: emit(c, stats) for every channel, the argmax row relative to r0.
+// Column statistics of the pixel rows [r0, r1) of one NHWC sample (xs: its first row): emit(c,
+// stats) for every channel, the argmax row relative to r0. For C in [128, 512], whole rows in
+// storage order into several buffer sets (row_set_stats); otherwise four rows at a time, kCols
+// channels at a time (col_stats: at C <= 64 four rows are one contiguous stretch).
 template <typename T, bool kArg, typename Emit>
 void nhwc_channel_stats(const T* xs, int64_t C, int64_t r0, int64_t r1, const Emit& emit) {
   using A = acc_t<T>;
   constexpr int64_t L = Vectorized<A>::size();
-  Scratch<A, kCols> sum, best, idx;
+  constexpr int64_t kSetEntries = 1024;  // the sets' total (8 KiB of sums and maxima in fp32)
+  Scratch<A, kSetEntries> sum, best, idx;
   const T* rows = xs + r0 * C;
-  for (int64_t c0 = 0; c0 < C; c0 += kCols) {
-    const int64_t cols = std::min(kCols, C - c0);
+  const int64_t padded_c = divup(C, L) * L;
+  const bool in_sets = C >= 128 && 2 * padded_c <= kSetEntries;
+  const int64_t sets = in_sets ? std::min<int64_t>(4, kSetEntries / padded_c) : 1;
+  const int64_t block = in_sets ? C : std::min(kCols, C);
+  for (int64_t c0 = 0; c0 < C; c0 += block) {
+    const int64_t cols = std::min(block, C - c0);
     const int64_t padded = divup(cols, L) * L;
-    std::fill(sum.data, sum.data + padded, A(0));
-    std::fill(best.data, best.data + padded, -std::numeric_limits<A>::infinity());
-    std::fill(idx.data, idx.data + padded, c10::bit_cast<A>(bits_t<A>(0)));
-    col_stats<T, false, kArg>(rows + c0, C, r1 - r0, cols, nullptr, sum.data, best.data, idx.data);
+    std::fill(sum.data, sum.data + sets * padded, A(0));
+    std::fill(best.data, best.data + sets * padded, -std::numeric_limits<A>::infinity());
+    std::fill(idx.data, idx.data + sets * padded, c10::bit_cast<A>(bits_t<A>(0)));
+    if (in_sets) {
+      row_set_stats<T, kArg>(rows, C, r1 - r0, sets, padded, sum.data, best.data, idx.data);
+    } else {
+      col_stats<T, false, kArg>(rows + c0, C, r1 - r0, cols, nullptr, sum.data, best.data, idx.data);
+    }
     for (int64_t j = 0; j < cols; ++j) {
       emit(c0 + j, col_stats_result<T, false, kArg>(rows + c0, C, r1 - r0, nullptr, sum.data, best.data, idx.data, j));
     }
@@ -197,11 +211,34 @@ void spatial_pool_kernel(const at::Tensor& x, Layout layout, const at::Tensor& g
 
 // ---- apply_gates ----------------------------------------------------------------------------
 
+// y = x * g * s[j] over [j0, j1) of one NCHW plane: g its channel's gate, s its sample's spatial
+// gate (null: none).
+template <typename T>
+inline void gate_plane(const T* x, T* y, int64_t j0, int64_t j1, acc_t<T> g, const acc_t<T>* s) {
+  const Vectorized<acc_t<T>> gv(g);
+  if (s == nullptr) {
+    map_range(y, j0, j1, [&](int64_t j, int64_t cnt) { return load_n(x + j, cnt) * gv; });
+  } else {
+    map_range(y, j0, j1, [&](int64_t j, int64_t cnt) { return load_n(x + j, cnt) * (gv * load_acc_n(s + j, cnt)); });
+  }
+}
+
+// y = x * g[c] * s over one NHWC pixel row of C channels: g the sample's channel gate, s the
+// pixel's spatial gate (null: none).
+template <typename T>
+inline void gate_row(const T* x, T* y, int64_t C, const acc_t<T>* g, const acc_t<T>* s) {
+  if (s == nullptr) {
+    map_range(y, 0, C, [&](int64_t j, int64_t cnt) { return load_n(x + j, cnt) * load_acc_n(g + j, cnt); });
+  } else {
+    const Vectorized<acc_t<T>> sv(*s);
+    map_range(y, 0, C, [&](int64_t j, int64_t cnt) { return load_n(x + j, cnt) * (load_acc_n(g + j, cnt) * sv); });
+  }
+}
+
 template <typename T>
 void apply_gates_kernel(const at::Tensor& x, Layout layout, const at::Tensor& cgate, const at::Tensor* sgate,
                         const at::Tensor& y) {
   using A = acc_t<T>;
-  using V = Vectorized<A>;
   const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
   const T* xp = x.const_data_ptr<T>();
   T* yp = y.data_ptr<T>();
@@ -211,36 +248,19 @@ void apply_gates_kernel(const at::Tensor& x, Layout layout, const at::Tensor& cg
     // Whole planes in storage order, the sample's spatial gate re-read from cache for each: HW
     // tiles through the C planes measured up to 1.8x slower at HW = 3136 (two tiles per plane).
     parallel_rows(N * C, HW, [&](int64_t p, int64_t j0, int64_t j1) {
-      const T* xr = xp + p * HW;
-      const V g(cg[p]);
-      if (sg == nullptr) {
-        map_range(yp + p * HW, j0, j1, [&](int64_t j, int64_t cnt) { return load_n(xr + j, cnt) * g; });
-      } else {
-        const A* s = sg + (p / C) * HW;
-        map_range(yp + p * HW, j0, j1,
-                  [&](int64_t j, int64_t cnt) { return load_n(xr + j, cnt) * (g * load_acc_n(s + j, cnt)); });
-      }
+      gate_plane(xp + p * HW, yp + p * HW, j0, j1, cg[p], sg ? sg + (p / C) * HW : nullptr);
     });
   } else {
     const Tasks tk = nhwc_chunks(N, C, HW);
     run_tasks(tk, 2 * divup(HW, tk.nch) * C, [&](int64_t, int64_t n, int64_t r0, int64_t r1) {
-      const A* g = cg + n * C;
       for (int64_t r = n * HW + r0; r < n * HW + r1; ++r) {
-        const T* xr = xp + r * C;
-        if (sg != nullptr) {
-          const V s(sg[r]);
-          map_range(yp + r * C, 0, C,
-                    [&](int64_t j, int64_t cnt) { return load_n(xr + j, cnt) * (load_acc_n(g + j, cnt) * s); });
-        } else {
-          map_range(yp + r * C, 0, C,
-                    [&](int64_t j, int64_t cnt) { return load_n(xr + j, cnt) * load_acc_n(g + j, cnt); });
-        }
+        gate_row(xp + r * C, yp + r * C, C, cg + n * C, sg ? sg + r : nullptr);
       }
     });
   }
 }
 
-// ---- channel gate alone, one sample at a time -------------------------------------------------
+// ---- channel gate, and what follows it, one sample at a time -------------------------------
 
 // The shared MLP's parameters (acc, contiguous): fc1 (Ch, C), fc2 (C, Ch); biases may be null.
 template <typename A>
@@ -249,29 +269,61 @@ struct MlpWeights {
   int64_t hidden;
 };
 
+// CBAM's spatial gate: taps (1, 2, k, k) on the padded pooled maps, conv bias, then BN as
+// (conv_out - mean) * scale + shift (mean 0, scale 1, shift 0 without BN).
+template <typename A>
+struct SpatialGateArgs {
+  const A* taps;
+  PaddedMaps geometry;
+  A bias, mean, scale, shift;
+};
+
+// One sample's spatial gate from its pooled maps (2, H, W): conv_out = conv(pooled) + bias and
+// gate = sigmoid(BN(conv_out)), both (H, W). padded: the thread's zero-padded copy of the maps (its
+// border stays zero from sample to sample).
+template <typename A>
+void spatial_gate_sample(const A* pooled, A* padded, const SpatialGateArgs<A>& sg, A* conv_out, A* gate) {
+  using V = Vectorized<A>;
+  const PaddedMaps& g = sg.geometry;
+  const int64_t HW = g.height * g.width;
+  for (int64_t c = 0; c < 2; ++c) {
+    for (int64_t h = 0; h < g.height; ++h) {
+      const A* row = pooled + (c * g.height + h) * g.width;
+      std::copy(row, row + g.width, padded + g.at(c, h, 0));
+    }
+  }
+  correlate_sample(padded, 2, sg.taps, conv_out, 1, g);
+  const V bias(sg.bias), mean(sg.mean), scale(sg.scale), shift(sg.shift), one(A(1));
+  map_range(conv_out, 0, HW, [&](int64_t j, int64_t cnt) { return load_acc_n(conv_out + j, cnt) + bias; });
+  map_range(gate, 0, HW, [&](int64_t j, int64_t cnt) {
+    const V logits = (load_acc_n(conv_out + j, cnt) - mean) * scale + shift;
+    return one / (one + (V(A(0)) - logits).exp());
+  });
+}
+
 // The channel gate with whole samples per thread: pool a sample, run the MLP on its pools, then
-// make the sample's second pass while it is still in the thread's L2, so that this read of x comes
-// from cache: y = x * gate (y defined: SE, ChannelGate) or CBAM's spatial pool of x * gate (pooled
-// (N, 2, HW) defined). pools: (P, N, C), P = use_avg + use_max; gate (N, C); acc. kArg: also the
-// max pools' argmaxes (first maximum, NaN maximal), into channel_arg (N, C) when use_max and
-// spatial_arg (N, HW) with the spatial pool.
+// make the sample's next passes while it is still in the thread's L2, so that those reads of x come
+// from cache (see PerSampleGate in cpu_ops.h for the three variants; `out` holds the outputs,
+// allocated). pools: (P, N, C), P = use_avg + use_max; gate (N, C); acc. kArg: also the max pools'
+// argmaxes (first maximum, NaN maximal), into channel_argmax (N, C) when use_max and
+// spatial_argmax (N, HW) with the spatial pool.
 template <typename T, bool kArg>
 void channel_gate_per_sample_kernel(const at::Tensor& x, Layout layout, const MlpWeights<acc_t<T>>& mlp,
-                                    bool use_avg, bool use_max, const at::Tensor& pools, const at::Tensor& gate,
-                                    const at::Tensor& y, const at::Tensor& pooled, const at::Tensor& channel_arg,
-                                    const at::Tensor& spatial_arg) {
+                                    const SpatialGateArgs<acc_t<T>>* sgate, bool use_avg, bool use_max,
+                                    const PerSampleGate& out) {
   using A = acc_t<T>;
-  using V = Vectorized<A>;
   const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3), Ch = mlp.hidden;
   const T* xp = x.const_data_ptr<T>();
-  T* yp = y.defined() ? y.data_ptr<T>() : nullptr;
-  A* pooled_p = pooled.defined() ? pooled.data_ptr<A>() : nullptr;
-  A* pools_p = pools.data_ptr<A>();
-  A* gate_p = gate.data_ptr<A>();
-  int64_t* carg_p = kArg && use_max ? channel_arg.data_ptr<int64_t>() : nullptr;
-  int64_t* sarg_p = kArg && pooled.defined() ? spatial_arg.data_ptr<int64_t>() : nullptr;
+  T* yp = out.y.defined() ? out.y.data_ptr<T>() : nullptr;
+  A* pooled_p = out.pooled.defined() ? out.pooled.data_ptr<A>() : nullptr;
+  A* conv_p = sgate ? out.conv_out.data_ptr<A>() : nullptr;
+  A* sgate_p = sgate ? out.spatial_gate.data_ptr<A>() : nullptr;
+  A* pools_p = out.pools.data_ptr<A>();
+  A* gate_p = out.channel_gate.data_ptr<A>();
+  int64_t* carg_p = kArg && use_max ? out.channel_argmax.data_ptr<int64_t>() : nullptr;
+  int64_t* sarg_p = kArg && pooled_p ? out.spatial_argmax.data_ptr<int64_t>() : nullptr;
   at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
-    std::vector<A> avg(C), mx(C), hidden(Ch);
+    std::vector<A> avg(C), mx(C), hidden(Ch), padded(sgate ? 2 * sgate->geometry.plane() : 0, A(0));
     std::vector<int64_t> arg(kArg ? C : 0);
     auto keep = [&](int64_t c, const RowStats<A>& r) {
       avg[c] = r.sum / A(HW);
@@ -318,21 +370,25 @@ void channel_gate_per_sample_kernel(const at::Tensor& x, Layout layout, const Ml
         });
         g[c] = A(1) / (A(1) + std::exp(-(z + (mlp.fc2_bias ? A(p) * mlp.fc2_bias[c] : A(0)))));
       }
+      const A* s = nullptr;  // the sample's spatial gate
       if (pooled_p != nullptr) {  // CBAM's spatial pool of x * gate
-        spatial_pool_sample<T, kArg>(xs, layout, C, HW, 0, HW, g, pooled_p + n * 2 * HW, pooled_p + (n * 2 + 1) * HW,
+        A* pooled_n = pooled_p + n * 2 * HW;
+        spatial_pool_sample<T, kArg>(xs, layout, C, HW, 0, HW, g, pooled_n, pooled_n + HW,
                                      kArg ? sarg_p + n * HW : nullptr);
-        continue;
+        if (sgate == nullptr) {
+          continue;
+        }
+        spatial_gate_sample(pooled_n, padded.data(), *sgate, conv_p + n * HW, sgate_p + n * HW);
+        s = sgate_p + n * HW;
       }
       T* ys = yp + n * C * HW;
       if (layout == Layout::NCHW) {
         for (int64_t c = 0; c < C; ++c) {
-          const V gv(g[c]);
-          map_range(ys + c * HW, 0, HW, [&](int64_t j, int64_t cnt) { return load_n(xs + c * HW + j, cnt) * gv; });
+          gate_plane(xs + c * HW, ys + c * HW, 0, HW, g[c], s);
         }
       } else {
         for (int64_t r = 0; r < HW; ++r) {
-          map_range(ys + r * C, 0, C,
-                    [&](int64_t j, int64_t cnt) { return load_n(xs + r * C + j, cnt) * load_acc_n(g + j, cnt); });
+          gate_row(xs + r * C, ys + r * C, C, g, s ? s + r : nullptr);
         }
       }
     }
@@ -858,31 +914,46 @@ Tensor apply_gates_cpu(const Tensor& x_in, const Tensor& cgate_in, const optiona
 PerSampleGate channel_gate_per_sample_cpu(const Tensor& x_in, const Tensor& fc1_weight,
                                           const optional<Tensor>& fc1_bias, const Tensor& fc2_weight,
                                           const optional<Tensor>& fc2_bias, bool use_avg, bool use_max,
-                                          bool spatial_pool, bool need_argmax) {
+                                          const optional<PerSampleSpatialGate>& spatial_gate, bool need_argmax) {
   constexpr const char* op = "attnkern::cbam_fused_forward";
   auto p = prepare(op, x_in);
   TORCH_CHECK(use_vec_kernels(), op, ": the per-sample channel gate needs the vector kernels");
   TORCH_CHECK(use_avg || use_max, op, ": the channel gate needs an avg or a max pool");
   const int64_t N = x_in.size(0), C = x_in.size(1), H = x_in.size(2), W = x_in.size(3), Ch = fc1_weight.size(0);
   TORCH_CHECK(H * W > 0 || N * C == 0, op, ": cannot pool over an empty H*W (x has shape ", x_in.sizes(), ")");
-  TORCH_CHECK(C > 0 || !spatial_pool || N * H * W == 0, op, ": cannot take the max over an empty C (x has shape ",
+  TORCH_CHECK(C > 0 || !spatial_gate || N * H * W == 0, op, ": cannot take the max over an empty C (x has shape ",
               x_in.sizes(), ")");
   TORCH_CHECK(C < (int64_t(1) << 31), op, ": more than 2^31 - 1 channels are not supported");
+  auto optional_small = [&](const char* name, const optional<Tensor>& t, c10::IntArrayRef sizes) {
+    return t ? optional<Tensor>(check_small(op, name, *t, p.acc, sizes, x_in)) : std::nullopt;
+  };
   const Tensor w1 = check_small(op, "fc1_weight", fc1_weight, p.acc, {Ch, C}, x_in);
   const Tensor w2 = check_small(op, "fc2_weight", fc2_weight, p.acc, {C, Ch}, x_in);
-  const optional<Tensor> b1 = fc1_bias ? optional<Tensor>(check_small(op, "fc1_bias", *fc1_bias, p.acc, {Ch}, x_in))
-                                       : std::nullopt;
-  const optional<Tensor> b2 = fc2_bias ? optional<Tensor>(check_small(op, "fc2_bias", *fc2_bias, p.acc, {C}, x_in))
-                                       : std::nullopt;
+  const optional<Tensor> b1 = optional_small("fc1_bias", fc1_bias, {Ch});
+  const optional<Tensor> b2 = optional_small("fc2_bias", fc2_bias, {C});
+  const bool whole_spatial_gate = spatial_gate && spatial_gate->conv_weight.defined();
+  Tensor taps;
+  optional<Tensor> conv_bias, bn;
+  if (whole_spatial_gate) {
+    const Tensor& w = spatial_gate->conv_weight;
+    const int64_t k = w.dim() == 4 ? w.size(-1) : 0;
+    TORCH_CHECK(k % 2 == 1, op, ": conv_weight must be (1, 2, k, k) with k odd, got ", w.sizes());
+    taps = check_small(op, "conv_weight", w, p.acc, {1, 2, k, k}, x_in);
+    conv_bias = optional_small("conv_bias", spatial_gate->conv_bias, {1});
+    bn = optional_small("bn_mean_scale_shift", spatial_gate->bn_mean_scale_shift, {3});
+  }
   const auto opts = x_in.options().dtype(p.acc);
   const auto long_opts = x_in.options().dtype(at::kLong);
+  const bool spatial_pool = spatial_gate.has_value();
   PerSampleGate out;
   out.pools = at::empty({int64_t(use_avg) + int64_t(use_max), N, C}, opts);
   out.channel_gate = at::empty({N, C}, opts);
   out.channel_argmax = need_argmax && use_max ? at::empty({N, C}, long_opts) : at::empty({0}, long_opts);
   out.spatial_argmax = need_argmax && spatial_pool ? at::empty({N, H, W}, long_opts) : at::empty({0}, long_opts);
-  out.y = spatial_pool ? Tensor() : at::empty_like(p.x);
+  out.y = spatial_pool && !whole_spatial_gate ? Tensor() : at::empty_like(p.x);
   out.pooled = spatial_pool ? at::empty({N, 2, H, W}, opts) : Tensor();
+  out.conv_out = whole_spatial_gate ? at::empty({N, 1, H, W}, opts) : Tensor();
+  out.spatial_gate = whole_spatial_gate ? at::empty({N, H, W}, opts) : Tensor();
   if (N * C * H * W == 0) {
     return out;
   }
@@ -890,14 +961,18 @@ PerSampleGate channel_gate_per_sample_cpu(const Tensor& x_in, const Tensor& fc1_
     using A = acc_t<scalar_t>;
     const MlpWeights<A> mlp{w1.const_data_ptr<A>(), b1 ? b1->const_data_ptr<A>() : nullptr, w2.const_data_ptr<A>(),
                             b2 ? b2->const_data_ptr<A>() : nullptr, Ch};
+    optional<SpatialGateArgs<A>> sgate;
+    if (whole_spatial_gate) {
+      const A* bn_p = bn ? bn->const_data_ptr<A>() : nullptr;
+      sgate = SpatialGateArgs<A>{taps.const_data_ptr<A>(), PaddedMaps(H, W, taps.size(-1)),
+                                 conv_bias ? *conv_bias->const_data_ptr<A>() : A(0), bn_p ? bn_p[0] : A(0),
+                                 bn_p ? bn_p[1] : A(1), bn_p ? bn_p[2] : A(0)};
+    }
+    const SpatialGateArgs<A>* sgate_p = sgate ? &*sgate : nullptr;
     if (need_argmax) {
-      channel_gate_per_sample_kernel<scalar_t, true>(p.x, p.layout, mlp, use_avg, use_max, out.pools,
-                                                     out.channel_gate, out.y, out.pooled, out.channel_argmax,
-                                                     out.spatial_argmax);
+      channel_gate_per_sample_kernel<scalar_t, true>(p.x, p.layout, mlp, sgate_p, use_avg, use_max, out);
     } else {
-      channel_gate_per_sample_kernel<scalar_t, false>(p.x, p.layout, mlp, use_avg, use_max, out.pools,
-                                                      out.channel_gate, out.y, out.pooled, out.channel_argmax,
-                                                      out.spatial_argmax);
+      channel_gate_per_sample_kernel<scalar_t, false>(p.x, p.layout, mlp, sgate_p, use_avg, use_max, out);
     }
   });
   return out;

@@ -6,8 +6,10 @@
 // (backward) Python-level calls, which cost more than the passes themselves at ResNet sizes.
 // The small math mirrors attnkern/ops/gate_math.py line for line; the tests hold both against
 // the reference modules. Where it pays (channel_gate_per_sample), the channel pool, the MLP and
-// the pass after them run a sample per thread instead (channel_gate_per_sample_cpu), so that
-// pass reads the sample from cache; its MLP is the same math as dot products.
+// the passes after them run a sample per thread instead (channel_gate_per_sample_cpu), so that
+// those passes read the sample from cache: for CBAM the spatial pool, and where BN needs no batch
+// statistics the whole spatial gate and the scaling. Its MLP is the same math as dot products,
+// its BN the same affine map.
 
 #include <ATen/ATen.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
@@ -94,15 +96,25 @@ struct SpatialBn {
   bool training;
 };
 
+// The running (mean, var) in the acc dtype, which BN normalises with outside training.
+std::pair<Tensor, Tensor> running_stats(const SpatialBn& bn, at::ScalarType acc) {
+  TORCH_CHECK(bn.running_mean.has_value() && bn.running_var.has_value(),
+              "attnkern::cbam_fused: BatchNorm outside training needs running statistics");
+  return {bn.running_mean->to(acc), bn.running_var->to(acc)};
+}
+
 // The (mean, var) BN normalises with: the batch's in training, else the running ones (acc dtype).
 std::pair<Tensor, Tensor> bn_stats(const Tensor& conv_out, const SpatialBn& bn) {
   if (bn.training) {
     auto [var, mean] = batch_stats(conv_out);
     return {mean, var};
   }
-  TORCH_CHECK(bn.running_mean.has_value() && bn.running_var.has_value(),
-              "attnkern::cbam_fused: BatchNorm outside training needs running statistics");
-  return {bn.running_mean->to(conv_out.scalar_type()), bn.running_var->to(conv_out.scalar_type())};
+  return running_stats(bn, conv_out.scalar_type());
+}
+
+// BN's affine map as logits = (conv_out - mean) * scale + shift: returns scale.
+Tensor bn_scale(const Tensor& var, const SpatialBn& bn) {
+  return bn.weight->to(var.scalar_type()) * at::rsqrt(var + bn.eps);
 }
 
 // Returns (grad_pooled, d conv_weight, d conv_bias, d bn_weight, d bn_bias); absent ones undefined.
@@ -171,22 +183,42 @@ ForwardOutputs cbam_fused_forward_cpu(const Tensor& x_in, const optional<Tensor>
   Tensor spatial_gate = at::empty({0}, acc_opts), conv_out = at::empty({0}, acc_opts);
   Tensor batch_mean = at::empty({0}, acc_opts), batch_var = at::empty({0}, acc_opts);
   Tensor pools, channel_argmax = at::empty({0}, long_opts), channel_gate;
-  // The channel gate and the pass after it (the scaling for SE / ChannelGate, the spatial pool for
-  // CBAM) a sample per thread where that pays (see channel_gate_per_sample).
+  // The channel gate and the passes after it a sample per thread where that pays (see
+  // channel_gate_per_sample): the scaling for SE / ChannelGate; for CBAM the spatial pool, and the
+  // rest of the spatial gate and the scaling too unless BN needs the batch's statistics.
   const bool per_sample = fc1_weight.has_value() && channel_gate_per_sample(x, *fc1_weight);
+  const SpatialBn bn{bn_weight, bn_bias, bn_running_mean, bn_running_var, bn_eps, bn_training};
   if (per_sample) {
+    optional<PerSampleSpatialGate> sample_spatial_gate;
+    if (conv_weight.has_value()) {
+      sample_spatial_gate.emplace();
+      if (!bn_weight.has_value() || !bn_training) {
+        sample_spatial_gate->conv_weight = conv_weight->to(acc);
+        sample_spatial_gate->conv_bias = cast(conv_bias, acc);
+        if (bn_weight.has_value()) {
+          const auto [mean, var] = running_stats(bn, acc);
+          sample_spatial_gate->bn_mean_scale_shift = at::cat({mean, bn_scale(var, bn), bn_bias->to(acc)});
+        }
+      }
+    }
     const Mlp mlp = mlp_in(acc, *fc1_weight, fc1_bias, fc2_weight, fc2_bias);
     PerSampleGate gate = channel_gate_per_sample_cpu(x, mlp.fc1_weight, mlp.fc1_bias, mlp.fc2_weight, mlp.fc2_bias,
-                                                     use_avg, use_max, conv_weight.has_value(), need_argmax);
+                                                     use_avg, use_max, sample_spatial_gate, need_argmax);
     pools = gate.pools;
     channel_gate = gate.channel_gate;
     channel_argmax = gate.channel_argmax;
-    if (!conv_weight.has_value()) {
+    if (conv_weight.has_value()) {
+      pooled = gate.pooled;
+      spatial_argmax = gate.spatial_argmax;
+    }
+    if (gate.y.defined()) {
+      if (gate.spatial_gate.defined()) {
+        spatial_gate = gate.spatial_gate;
+        conv_out = gate.conv_out;
+      }
       return {gate.y, pools, channel_argmax, channel_gate, pooled, spatial_argmax, spatial_gate, conv_out,
               batch_mean, batch_var};
     }
-    pooled = gate.pooled;
-    spatial_argmax = gate.spatial_argmax;
   } else if (fc1_weight.has_value()) {
     TORCH_CHECK(use_avg || use_max, "attnkern::cbam_fused: the channel gate needs an avg or a max pool");
     if (use_max) {
@@ -212,14 +244,12 @@ ForwardOutputs cbam_fused_forward_cpu(const Tensor& x_in, const optional<Tensor>
     conv_out = spatial_conv_cpu(pooled, conv_weight->to(acc), cast(conv_bias, acc));
     Tensor logits = conv_out;
     if (bn_weight.has_value()) {
-      const SpatialBn bn{bn_weight, bn_bias, bn_running_mean, bn_running_var, bn_eps, bn_training};
       const auto [mean, var] = bn_stats(conv_out, bn);
       if (bn_training) {
         batch_mean = mean;
         batch_var = var;
       }
-      const Tensor scale = bn_weight->to(acc) * at::rsqrt(var + bn_eps);
-      logits = (logits - per_channel(mean)) * per_channel(scale) + per_channel(bn_bias->to(acc));
+      logits = (logits - per_channel(mean)) * per_channel(bn_scale(var, bn)) + per_channel(bn_bias->to(acc));
     }
     spatial_gate = at::sigmoid(logits.select(1, 0));
     spatial_gate_arg = spatial_gate;

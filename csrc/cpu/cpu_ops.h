@@ -17,19 +17,30 @@ std::tuple<at::Tensor, at::Tensor> spatial_pool_cpu(const at::Tensor& x, const a
                                                     bool need_argmax);
 at::Tensor apply_gates_cpu(const at::Tensor& x, const at::Tensor& channel_gate,
                            const std::optional<at::Tensor>& spatial_gate);
-// The channel gate with whole samples per thread (channel pool, MLP, then the sample's second pass
-// while it is in the thread's L2): y = x * Mc (SE, ChannelGate), or with spatial_pool CBAM's
-// spatial pool of x * Mc instead. MLP parameters in x's acc dtype. need_argmax: the max pools'
-// argmaxes too (else those outputs are empty).
+// The channel gate with whole samples per thread (channel pool, MLP, then the sample's next passes
+// while it is in the thread's L2). What comes after the channel gate:
+//   no spatial gate: y = x * Mc (SE, ChannelGate);
+//   spatial_gate.conv_weight undefined: CBAM's spatial pool of x * Mc (its conv and BN are left to
+//     the caller: BN in training needs the whole batch);
+//   spatial_gate.conv_weight defined: CBAM's whole spatial gate and y = x * Mc * Ms.
+// MLP and spatial-gate parameters in x's acc dtype. need_argmax: the max pools' argmaxes too (else
+// those outputs are empty).
+struct PerSampleSpatialGate {
+  at::Tensor conv_weight;               // (1, 2, k, k), k odd
+  std::optional<at::Tensor> conv_bias;  // (1,)
+  // (3,): BN as logits = (conv_out - mean) * scale + shift, with its running statistics.
+  std::optional<at::Tensor> bn_mean_scale_shift;
+};
 struct PerSampleGate {
-  at::Tensor y;       // undefined with spatial_pool
-  at::Tensor pooled;  // (N, 2, H, W) with spatial_pool, else undefined
+  at::Tensor y;                                // undefined with the spatial pool alone
+  at::Tensor pooled;                           // (N, 2, H, W) with a spatial gate, else undefined
+  at::Tensor conv_out, spatial_gate;           // (N, 1, H, W), (N, H, W) with the whole spatial gate
   at::Tensor pools, channel_gate, channel_argmax, spatial_argmax;
 };
 PerSampleGate channel_gate_per_sample_cpu(const at::Tensor& x, const at::Tensor& fc1_weight,
                                           const std::optional<at::Tensor>& fc1_bias, const at::Tensor& fc2_weight,
                                           const std::optional<at::Tensor>& fc2_bias, bool use_avg, bool use_max,
-                                          bool spatial_pool, bool need_argmax);
+                                          const std::optional<PerSampleSpatialGate>& spatial_gate, bool need_argmax);
 at::Tensor spatial_gate_grad_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& channel_gate);
 at::Tensor channel_gate_grad_cpu(const at::Tensor& grad, const at::Tensor& x,
                                  const std::optional<at::Tensor>& spatial_gate,

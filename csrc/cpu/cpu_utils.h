@@ -625,6 +625,53 @@ inline void map_range(T* y, int64_t j0, int64_t j1, const F& f) {
 }
 
 
+// Column statistics of `rows` consecutive rows of C elements (an NHWC sample's pixels), read in
+// storage order: row k accumulates into buffer set k % sets, each set `stride` entries of sum[],
+// mx[] and idx[] (as col_stats, unscaled), and the sets are merged into set 0 at the end (sums in
+// set order; max: ties go to the earlier row). Why sets: col_stats' four rows at a time read four
+// streams 4*C bytes apart, and a single set makes each row's loads of the buffers wait on the last
+// row's stores. Both ran at about half the read bandwidth from memory at C = 128-512 (a standalone
+// loop, 8x784x256 fp32: four rows 0.27 ms, one set 0.34, four sets 0.19, a plain sum 0.15).
+template <typename T, bool kArg>
+inline void row_set_stats(const T* base, int64_t C, int64_t rows, int64_t sets, int64_t stride, acc_t<T>* sum,
+                          acc_t<T>* mx, acc_t<T>* idx) {
+  using A = acc_t<T>;
+  using V = Vectorized<A>;
+  constexpr int64_t L = V::size();
+  for (int64_t k = 0; k < rows; ++k) {
+    const T* row = base + k * C;
+    const int64_t off = (k % sets) * stride;
+    A *s = sum + off, *m = mx + off, *ix = idx + off;
+    for (int64_t j = 0; j < C; j += L) {
+      const V v = load_n(row + j, std::min(L, C - j));
+      (V::loadu(s + j) + v).store(s + j);
+      const V best = V::loadu(m + j);
+      if constexpr (!kArg) {
+        vmax(best, v).store(m + j);
+      } else if (lanes_set(v > best) != 0) {
+        const V gt = v > best;
+        V::blendv(best, v, gt).store(m + j);
+        V::blendv(V::loadu(ix + j), bits_vec<A>(bits_t<A>(k)), gt).store(ix + j);
+      }
+    }
+  }
+  for (int64_t set = 1; set < sets; ++set) {
+    const int64_t off = set * stride;
+    for (int64_t j = 0; j < C; ++j) {
+      sum[j] += sum[off + j];
+      if constexpr (kArg) {
+        const bool earlier_tie = mx[off + j] == mx[j] && from_bits<A>(idx[off + j]) < from_bits<A>(idx[j]);
+        if (mx[off + j] > mx[j] || earlier_tie) {
+          mx[j] = mx[off + j];
+          idx[j] = idx[off + j];
+        }
+      } else {
+        mx[j] = std::max(mx[j], mx[off + j]);
+      }
+    }
+  }
+}
+
 // Work split into tasks of (sample n, chunk [h0, h1) of HW): nch chunks per sample.
 struct Tasks {
   int64_t N, HW, nch, align;

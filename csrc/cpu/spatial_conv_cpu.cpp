@@ -4,6 +4,7 @@
 // The loops are compiled for AVX2 (see cpu_utils.h); CPUs without it take ATen's convolution.
 #include "cpu/cpu_ops.h"
 #include "cpu/cpu_utils.h"
+#include "cpu/spatial_conv.h"
 
 namespace attnkern {
 namespace {
@@ -24,42 +25,16 @@ void check_conv_args(const at::Tensor& pooled, const at::Tensor& weight) {
 
 ATTNKERN_VEC_BEGIN
 
-// Outputs per register block: four AVX2 float vectors, kept in registers across all k*k*Cin taps.
-constexpr int64_t kBlock = 32;
-
-// out[n, oc, h, w] = sum_{ic, i, j} taps[oc, ic, i, j] * padded[n, ic, h + i, w + j], where padded
-// holds the input with its zero border and kBlock columns of slack, so no load needs a bounds check.
+// correlate_row_pair over the batch (PaddedMaps: the padded inputs' geometry).
 template <typename T>
 void correlate_padded(const T* padded, int64_t in_channels, const T* taps, T* out, int64_t out_channels,
-                      int64_t batch, int64_t height, int64_t width, int64_t k, int64_t padded_height,
-                      int64_t padded_width) {
-  using Vec = at::vec::Vectorized<T>;
-  constexpr int64_t kVecs = kBlock / Vec::size();
-  at::parallel_for(0, batch * height, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t n = row / height, h = row % height;
-      for (int64_t oc = 0; oc < out_channels; ++oc) {
-        T* out_row = out + ((n * out_channels + oc) * height + h) * width;
-        for (int64_t w0 = 0; w0 < width; w0 += kBlock) {
-          Vec acc[kVecs];
-          for (int64_t v = 0; v < kVecs; ++v) acc[v] = Vec(T(0));
-          for (int64_t ic = 0; ic < in_channels; ++ic) {
-            for (int64_t i = 0; i < k; ++i) {
-              const T* in_row = padded + ((n * in_channels + ic) * padded_height + h + i) * padded_width + w0;
-              const T* tap_row = taps + ((oc * in_channels + ic) * k + i) * k;
-              for (int64_t j = 0; j < k; ++j) {
-                const Vec tap(tap_row[j]);
-                for (int64_t v = 0; v < kVecs; ++v) {
-                  acc[v] = at::vec::fmadd(tap, Vec::loadu(in_row + j + v * Vec::size()), acc[v]);
-                }
-              }
-            }
-          }
-          T block[kBlock];
-          for (int64_t v = 0; v < kVecs; ++v) acc[v].store(block + v * Vec::size());
-          std::copy(block, block + std::min(kBlock, width - w0), out_row + w0);
-        }
-      }
+                      int64_t batch, const cpu::PaddedMaps& g) {
+  const int64_t pairs = cpu::divup(g.height, 2);
+  at::parallel_for(0, batch * pairs, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t n = u / pairs;
+      cpu::correlate_row_pair(padded + n * in_channels * g.plane(), in_channels, taps,
+                              out + n * out_channels * g.height * g.width, out_channels, u % pairs, g);
     }
   });
 }
@@ -135,11 +110,10 @@ void conv_weight_grad(const T* padded_grad, const T* padded, T* gw, int64_t batc
 
 ATTNKERN_VEC_END
 
-// maps (N, C, H, W) with a zero border of k/2 and kBlock extra columns, for correlate_padded.
-at::Tensor zero_padded(const at::Tensor& maps, int64_t k) {
-  const int64_t pad = k / 2, h = maps.size(2), w = maps.size(3);
-  at::Tensor padded = at::zeros({maps.size(0), maps.size(1), h + 2 * pad, w + 2 * pad + kBlock}, maps.options());
-  padded.narrow(2, pad, h).narrow(3, pad, w).copy_(maps);
+// maps (N, C, H, W) zero-padded for correlate_padded.
+at::Tensor zero_padded(const at::Tensor& maps, const cpu::PaddedMaps& g) {
+  at::Tensor padded = at::zeros({maps.size(0), maps.size(1), g.padded_height, g.padded_width}, maps.options());
+  padded.narrow(2, g.k / 2, g.height).narrow(3, g.k / 2, g.width).copy_(maps);
   return padded;
 }
 
@@ -159,11 +133,11 @@ at::Tensor spatial_conv_cpu(const at::Tensor& pooled_in, const at::Tensor& weigh
   const int64_t n = pooled.size(0), cin = pooled.size(1), h = pooled.size(2), w = pooled.size(3);
   at::Tensor out = at::empty({n, 1, h, w}, pooled.options());
   if (out.numel() == 0) return out;
-  const int64_t k = weight.size(-1);
-  const at::Tensor padded = zero_padded(pooled, k);
+  const cpu::PaddedMaps geometry(h, w, weight.size(-1));
+  const at::Tensor padded = zero_padded(pooled, geometry);
   AT_DISPATCH_FLOATING_TYPES(pooled.scalar_type(), "spatial_conv_cpu", [&] {
     correlate_padded<scalar_t>(padded.const_data_ptr<scalar_t>(), cin, weight.const_data_ptr<scalar_t>(),
-                               out.mutable_data_ptr<scalar_t>(), 1, n, h, w, k, padded.size(2), padded.size(3));
+                               out.mutable_data_ptr<scalar_t>(), 1, n, geometry);
   });
   if (bias.has_value()) {
     TORCH_CHECK(bias->numel() == 1, "spatial_conv: bias must have one element, got ", bias->sizes());
@@ -194,12 +168,12 @@ std::tuple<at::Tensor, at::Tensor> spatial_conv_backward_cpu(const at::Tensor& g
   // The input gradient is the correlation of the padded grad with the spatially flipped taps,
   // one output channel per input channel of the forward.
   const at::Tensor flipped = weight.flip({2, 3}).reshape({cin, 1, k, k}).contiguous();
-  const at::Tensor padded_grad = zero_padded(grad, k);
-  const at::Tensor padded_pooled = zero_padded(pooled, k);
+  const cpu::PaddedMaps geometry(h, w, k);
+  const at::Tensor padded_grad = zero_padded(grad, geometry);
+  const at::Tensor padded_pooled = zero_padded(pooled, geometry);
   AT_DISPATCH_FLOATING_TYPES(pooled.scalar_type(), "spatial_conv_backward_cpu", [&] {
     correlate_padded<scalar_t>(padded_grad.const_data_ptr<scalar_t>(), 1, flipped.const_data_ptr<scalar_t>(),
-                               grad_pooled.mutable_data_ptr<scalar_t>(), cin, n, h, w, k, padded_grad.size(2),
-                               padded_grad.size(3));
+                               grad_pooled.mutable_data_ptr<scalar_t>(), cin, n, geometry);
     conv_weight_grad<scalar_t>(padded_grad.const_data_ptr<scalar_t>(), padded_pooled.const_data_ptr<scalar_t>(),
                                grad_weight.mutable_data_ptr<scalar_t>(), n, cin, h, w, k, padded_pooled.size(2),
                                padded_pooled.size(3));
