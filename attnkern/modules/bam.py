@@ -1,6 +1,6 @@
 """Fused BAM: the reference module with forward replaced by attnkern::bam (or the backend's whole-op kernel)."""
 from attnkern import backends, reference
-from attnkern.modules.common import FusedModule, bn_uses_batch_stats, check_bn_batch, update_running_stats
+from attnkern.modules.common import FusedModule, bn_uses_batch_stats, check_bn_batch, lookup, update_running_stats
 from attnkern.ops.bam import bam_op
 from attnkern.reference import check_input
 
@@ -9,26 +9,28 @@ __all__ = ["BAM", "fused_bam", "bam_op_inputs"]
 
 def _layers(module):
     """(convs and Linears in attnkern::bam's order, BatchNorms in its order)."""
-    channel, spatial = module.channel, module.spatial
-    convs = [channel.fc1, channel.fc2, spatial.reduce, *spatial.dilated, spatial.final]
-    return convs, [channel.bn, spatial.reduce_bn, *spatial.dilated_bn]
+    channel, spatial = lookup(module, "channel"), lookup(module, "spatial")
+    convs = [lookup(channel, "fc1"), lookup(channel, "fc2"), lookup(spatial, "reduce"), *lookup(spatial, "dilated"),
+             lookup(spatial, "final")]
+    return convs, [lookup(channel, "bn"), lookup(spatial, "reduce_bn"), *lookup(spatial, "dilated_bn")]
 
 
 def bam_op_inputs(module, x):
     """attnkern::bam's arguments, all but backend, for a reference.BAM's parameters and buffers."""
     convs, bns = _layers(module)
     empty = x.new_empty(0)
+    running = [(lookup(bn, "running_mean"), lookup(bn, "running_var")) for bn in bns]
     return (
         x,
-        [conv.weight for conv in convs],
-        [conv.bias for conv in convs],
-        [bn.weight for bn in bns],
-        [bn.bias for bn in bns],
-        [empty if bn.running_mean is None else bn.running_mean for bn in bns],
-        [empty if bn.running_var is None else bn.running_var for bn in bns],
+        [lookup(conv, "weight") for conv in convs],
+        [lookup(conv, "bias") for conv in convs],
+        [lookup(bn, "weight") for bn in bns],
+        [lookup(bn, "bias") for bn in bns],
+        [empty if mean is None else mean for mean, _ in running],
+        [empty if var is None else var for _, var in running],
         [bn.eps for bn in bns],
         [bn_uses_batch_stats(bn) for bn in bns],
-        module.spatial.dilation,
+        lookup(module, "spatial").dilation,
         module.combine == "product",
     )
 
