@@ -435,9 +435,11 @@ inline RowStats<acc_t<T>> row_stats(const T* p, const acc_t<T>* s, int64_t n) {
 // Column statistics of a strided block: for rows k in [0, rows) and columns j in [0, cols),
 // v = base[k * stride + j] (kScaled: times rs[k]); accumulates sum[j], max[j] and the row of the
 // first maximum (as bits, see bits_vec) into the buffers, which hold round_up(cols, L) entries.
-// Rows go four at a time: the buffers are loaded and stored once per four rows, and the argmax
-// bookkeeping runs only when one of the four rows beats the running max somewhere. kArg false:
-// no argmax (idx is not touched), so no data-dependent branch either.
+// Rows go four at a time: the buffers are loaded and stored once per four rows, and the argmax is
+// kept with blends, no branch: the first of the four rows equal to their maximum, taken where that
+// maximum beats the running one (a branch on "any lane beats it" mispredicted on much of the
+// input: the training forward's spatial pool took 3x its argmax-free time). kArg false: no
+// argmax (idx is not touched).
 template <typename T, bool kScaled, bool kArg = true>
 inline void col_stats(const T* base, int64_t stride, int64_t rows, int64_t cols, const acc_t<T>* rs,
                       acc_t<T>* sum, acc_t<T>* mx, acc_t<T>* idx) {
@@ -464,23 +466,22 @@ inline void col_stats(const T* base, int64_t stride, int64_t rows, int64_t cols,
     const T* r3 = r2 + stride;
     const A c0 = kScaled ? rs[k] : A(1), c1 = kScaled ? rs[k + 1] : A(1);
     const A c2 = kScaled ? rs[k + 2] : A(1), c3 = kScaled ? rs[k + 3] : A(1);
+    const V k0 = bits_vec<A>(bits_t<A>(k)), k1 = bits_vec<A>(bits_t<A>(k + 1));
+    const V k2 = bits_vec<A>(bits_t<A>(k + 2)), k3 = bits_vec<A>(bits_t<A>(k + 3));
     for (int64_t j = 0; j < cols; j += L) {
       const int64_t cnt = std::min(L, cols - j);
       const V v0 = load(r0, j, cnt, c0), v1 = load(r1, j, cnt, c1);
       const V v2 = load(r2, j, cnt, c2), v3 = load(r3, j, cnt, c3);
       (V::loadu(sum + j) + ((v0 + v1) + (v2 + v3))).store(sum + j);
-      V m = V::loadu(mx + j);
+      const V m = V::loadu(mx + j);
       const V top = vmax(vmax(v0, v1), vmax(v2, v3));
       if constexpr (!kArg) {
         vmax(m, top).store(mx + j);
-      } else if (lanes_set(top > m) != 0) {
-        V ix = V::loadu(idx + j);
-        track(v0, bits_vec<A>(bits_t<A>(k)), m, ix);
-        track(v1, bits_vec<A>(bits_t<A>(k + 1)), m, ix);
-        track(v2, bits_vec<A>(bits_t<A>(k + 2)), m, ix);
-        track(v3, bits_vec<A>(bits_t<A>(k + 3)), m, ix);
-        m.store(mx + j);
-        ix.store(idx + j);
+      } else {
+        const V first = V::blendv(V::blendv(V::blendv(k3, k2, v2 == top), k1, v1 == top), k0, v0 == top);
+        const V gt = top > m;  // strict: an earlier row with the same maximum keeps it
+        V::blendv(m, top, gt).store(mx + j);
+        V::blendv(V::loadu(idx + j), first, gt).store(idx + j);
       }
     }
   }
@@ -504,8 +505,8 @@ inline void col_stats(const T* base, int64_t stride, int64_t rows, int64_t cols,
   }
 }
 
-// Turns col_stats' buffers into (sum, max, row of the first max) for column j, finding NaNs the
-// comparisons skipped by rescanning columns whose sum is NaN.
+// Turns the buffers of col_stats or row_set_stats into (sum, max, row of the first max) for column
+// j, finding NaNs the comparisons skipped by rescanning columns whose sum is NaN.
 template <typename T, bool kScaled, bool kArg = true>
 inline RowStats<acc_t<T>> col_stats_result(const T* base, int64_t stride, int64_t rows, const acc_t<T>* rs,
                                            const acc_t<T>* sum, const acc_t<T>* mx, const acc_t<T>* idx,
@@ -639,19 +640,20 @@ inline void row_set_stats(const T* base, int64_t C, int64_t rows, int64_t sets, 
   using V = Vectorized<A>;
   constexpr int64_t L = V::size();
   for (int64_t k = 0; k < rows; ++k) {
-    const T* row = base + k * C;
+    const T* xr = base + k * C;
     const int64_t off = (k % sets) * stride;
     A *s = sum + off, *m = mx + off, *ix = idx + off;
+    const V row = bits_vec<A>(bits_t<A>(k));
     for (int64_t j = 0; j < C; j += L) {
-      const V v = load_n(row + j, std::min(L, C - j));
+      const V v = load_n(xr + j, std::min(L, C - j));
       (V::loadu(s + j) + v).store(s + j);
       const V best = V::loadu(m + j);
       if constexpr (!kArg) {
         vmax(best, v).store(m + j);
-      } else if (lanes_set(v > best) != 0) {
+      } else if (lanes_set(v > best) != 0) {  // rare once a column's running max settles
         const V gt = v > best;
         V::blendv(best, v, gt).store(m + j);
-        V::blendv(V::loadu(ix + j), bits_vec<A>(bits_t<A>(k)), gt).store(ix + j);
+        V::blendv(V::loadu(ix + j), row, gt).store(ix + j);
       }
     }
   }
