@@ -16,8 +16,8 @@
 //     NHWC: one contiguous row of C per pixel.
 //   per sample (channel_gate_per_sample_cpu): a thread takes whole samples and runs the
 //     channel pool, the MLP and what follows on each in turn: the scaling (SE, ChannelGate), or
-//     CBAM's spatial pool, and unless BN needs the batch's statistics its conv, BN, sigmoid and
-//     the scaling too.
+//     CBAM's spatial pool and conv, and unless BN needs the batch's statistics its BN, sigmoid
+//     and the scaling too.
 //   elementwise: apply_gates NCHW walks whole planes in storage order (HW tiles cut a plane
 //     into separate streams: up to 1.8x slower at HW = 3136), cbam_input_grad NCHW HW tiles
 //     through the C planes (channel ranges too when the batch is small; its argmax buckets are
@@ -269,23 +269,21 @@ struct MlpWeights {
   int64_t hidden;
 };
 
-// CBAM's spatial gate: taps (1, 2, k, k) on the padded pooled maps, conv bias, then BN as
-// (conv_out - mean) * scale + shift (mean 0, scale 1, shift 0 without BN).
+// CBAM's spatial gate: taps (1, 2, k, k) on the padded pooled maps and the conv bias; with
+// `whole`, BN as (conv_out - mean) * scale + shift (mean 0, scale 1, shift 0 without BN).
 template <typename A>
 struct SpatialGateArgs {
   const A* taps;
   PaddedMaps geometry;
   A bias, mean, scale, shift;
+  bool whole;
 };
 
-// One sample's spatial gate from its pooled maps (2, H, W): conv_out = conv(pooled) + bias and
-// gate = sigmoid(BN(conv_out)), both (H, W). padded: the thread's zero-padded copy of the maps (its
-// border stays zero from sample to sample).
+// One sample's conv_out = conv(pooled) + bias, (H, W), from its pooled maps (2, H, W). padded: the
+// thread's zero-padded copy of the maps (its border stays zero from sample to sample).
 template <typename A>
-void spatial_gate_sample(const A* pooled, A* padded, const SpatialGateArgs<A>& sg, A* conv_out, A* gate) {
-  using V = Vectorized<A>;
+void spatial_conv_sample(const A* pooled, A* padded, const SpatialGateArgs<A>& sg, A* conv_out) {
   const PaddedMaps& g = sg.geometry;
-  const int64_t HW = g.height * g.width;
   for (int64_t c = 0; c < 2; ++c) {
     for (int64_t h = 0; h < g.height; ++h) {
       const A* row = pooled + (c * g.height + h) * g.width;
@@ -293,9 +291,16 @@ void spatial_gate_sample(const A* pooled, A* padded, const SpatialGateArgs<A>& s
     }
   }
   correlate_sample(padded, 2, sg.taps, conv_out, 1, g);
-  const V bias(sg.bias), mean(sg.mean), scale(sg.scale), shift(sg.shift), one(A(1));
-  map_range(conv_out, 0, HW, [&](int64_t j, int64_t cnt) { return load_acc_n(conv_out + j, cnt) + bias; });
-  map_range(gate, 0, HW, [&](int64_t j, int64_t cnt) {
+  const Vectorized<A> bias(sg.bias);
+  map_range(conv_out, 0, g.height * g.width, [&](int64_t j, int64_t cnt) { return load_acc_n(conv_out + j, cnt) + bias; });
+}
+
+// gate = sigmoid(BN(conv_out)) over one sample's (H, W) map.
+template <typename A>
+void spatial_gate_sample(const A* conv_out, const SpatialGateArgs<A>& sg, A* gate) {
+  using V = Vectorized<A>;
+  const V mean(sg.mean), scale(sg.scale), shift(sg.shift), one(A(1));
+  map_range(gate, 0, sg.geometry.height * sg.geometry.width, [&](int64_t j, int64_t cnt) {
     const V logits = (load_acc_n(conv_out + j, cnt) - mean) * scale + shift;
     return one / (one + (V(A(0)) - logits).exp());
   });
@@ -303,7 +308,7 @@ void spatial_gate_sample(const A* pooled, A* padded, const SpatialGateArgs<A>& s
 
 // The channel gate with whole samples per thread: pool a sample, run the MLP on its pools, then
 // make the sample's next passes while it is still in the thread's L2, so that those reads of x come
-// from cache (see PerSampleGate in cpu_ops.h for the three variants; `out` holds the outputs,
+// from cache (see PerSampleGate in cpu_ops.h for the variants; `out` holds the outputs,
 // allocated). pools: (P, N, C), P = use_avg + use_max; gate (N, C); acc. kArg: also the max pools'
 // argmaxes (first maximum, NaN maximal), into channel_argmax (N, C) when use_max and
 // spatial_argmax (N, HW) with the spatial pool.
@@ -317,7 +322,7 @@ void channel_gate_per_sample_kernel(const at::Tensor& x, Layout layout, const Ml
   T* yp = out.y.defined() ? out.y.data_ptr<T>() : nullptr;
   A* pooled_p = out.pooled.defined() ? out.pooled.data_ptr<A>() : nullptr;
   A* conv_p = sgate ? out.conv_out.data_ptr<A>() : nullptr;
-  A* sgate_p = sgate ? out.spatial_gate.data_ptr<A>() : nullptr;
+  A* sgate_p = sgate && sgate->whole ? out.spatial_gate.data_ptr<A>() : nullptr;
   A* pools_p = out.pools.data_ptr<A>();
   A* gate_p = out.channel_gate.data_ptr<A>();
   int64_t* carg_p = kArg && use_max ? out.channel_argmax.data_ptr<int64_t>() : nullptr;
@@ -371,14 +376,15 @@ void channel_gate_per_sample_kernel(const at::Tensor& x, Layout layout, const Ml
         g[c] = A(1) / (A(1) + std::exp(-(z + (mlp.fc2_bias ? A(p) * mlp.fc2_bias[c] : A(0)))));
       }
       const A* s = nullptr;  // the sample's spatial gate
-      if (pooled_p != nullptr) {  // CBAM's spatial pool of x * gate
+      if (sgate != nullptr) {  // CBAM's spatial pool of x * gate, and what follows
         A* pooled_n = pooled_p + n * 2 * HW;
         spatial_pool_sample<T, kArg>(xs, layout, C, HW, 0, HW, g, pooled_n, pooled_n + HW,
                                      kArg ? sarg_p + n * HW : nullptr);
-        if (sgate == nullptr) {
+        spatial_conv_sample(pooled_n, padded.data(), *sgate, conv_p + n * HW);
+        if (!sgate->whole) {
           continue;
         }
-        spatial_gate_sample(pooled_n, padded.data(), *sgate, conv_p + n * HW, sgate_p + n * HW);
+        spatial_gate_sample(conv_p + n * HW, *sgate, sgate_p + n * HW);
         s = sgate_p + n * HW;
       }
       T* ys = yp + n * C * HW;
@@ -921,7 +927,7 @@ PerSampleGate channel_gate_per_sample_cpu(const Tensor& x_in, const Tensor& fc1_
   TORCH_CHECK(use_avg || use_max, op, ": the channel gate needs an avg or a max pool");
   const int64_t N = x_in.size(0), C = x_in.size(1), H = x_in.size(2), W = x_in.size(3), Ch = fc1_weight.size(0);
   TORCH_CHECK(H * W > 0 || N * C == 0, op, ": cannot pool over an empty H*W (x has shape ", x_in.sizes(), ")");
-  TORCH_CHECK(C > 0 || !spatial_gate || N * H * W == 0, op, ": cannot take the max over an empty C (x has shape ",
+  TORCH_CHECK(C > 0 || !spatial_gate.has_value() || N * H * W == 0, op, ": cannot take the max over an empty C (x has shape ",
               x_in.sizes(), ")");
   TORCH_CHECK(C < (int64_t(1) << 31), op, ": more than 2^31 - 1 channels are not supported");
   auto optional_small = [&](const char* name, const optional<Tensor>& t, c10::IntArrayRef sizes) {
@@ -931,10 +937,10 @@ PerSampleGate channel_gate_per_sample_cpu(const Tensor& x_in, const Tensor& fc1_
   const Tensor w2 = check_small(op, "fc2_weight", fc2_weight, p.acc, {C, Ch}, x_in);
   const optional<Tensor> b1 = optional_small("fc1_bias", fc1_bias, {Ch});
   const optional<Tensor> b2 = optional_small("fc2_bias", fc2_bias, {C});
-  const bool whole_spatial_gate = spatial_gate && spatial_gate->conv_weight.defined();
   Tensor taps;
   optional<Tensor> conv_bias, bn;
-  if (whole_spatial_gate) {
+  const bool spatial = spatial_gate.has_value(), whole = spatial && spatial_gate->whole;
+  if (spatial) {
     const Tensor& w = spatial_gate->conv_weight;
     const int64_t k = w.dim() == 4 ? w.size(-1) : 0;
     TORCH_CHECK(k % 2 == 1, op, ": conv_weight must be (1, 2, k, k) with k odd, got ", w.sizes());
@@ -944,16 +950,15 @@ PerSampleGate channel_gate_per_sample_cpu(const Tensor& x_in, const Tensor& fc1_
   }
   const auto opts = x_in.options().dtype(p.acc);
   const auto long_opts = x_in.options().dtype(at::kLong);
-  const bool spatial_pool = spatial_gate.has_value();
   PerSampleGate out;
   out.pools = at::empty({int64_t(use_avg) + int64_t(use_max), N, C}, opts);
   out.channel_gate = at::empty({N, C}, opts);
   out.channel_argmax = need_argmax && use_max ? at::empty({N, C}, long_opts) : at::empty({0}, long_opts);
-  out.spatial_argmax = need_argmax && spatial_pool ? at::empty({N, H, W}, long_opts) : at::empty({0}, long_opts);
-  out.y = spatial_pool && !whole_spatial_gate ? Tensor() : at::empty_like(p.x);
-  out.pooled = spatial_pool ? at::empty({N, 2, H, W}, opts) : Tensor();
-  out.conv_out = whole_spatial_gate ? at::empty({N, 1, H, W}, opts) : Tensor();
-  out.spatial_gate = whole_spatial_gate ? at::empty({N, H, W}, opts) : Tensor();
+  out.spatial_argmax = need_argmax && spatial ? at::empty({N, H, W}, long_opts) : at::empty({0}, long_opts);
+  out.y = spatial && !whole ? Tensor() : at::empty_like(p.x);
+  out.pooled = spatial ? at::empty({N, 2, H, W}, opts) : Tensor();
+  out.conv_out = spatial ? at::empty({N, 1, H, W}, opts) : Tensor();
+  out.spatial_gate = whole ? at::empty({N, H, W}, opts) : Tensor();
   if (N * C * H * W == 0) {
     return out;
   }
@@ -962,11 +967,11 @@ PerSampleGate channel_gate_per_sample_cpu(const Tensor& x_in, const Tensor& fc1_
     const MlpWeights<A> mlp{w1.const_data_ptr<A>(), b1 ? b1->const_data_ptr<A>() : nullptr, w2.const_data_ptr<A>(),
                             b2 ? b2->const_data_ptr<A>() : nullptr, Ch};
     optional<SpatialGateArgs<A>> sgate;
-    if (whole_spatial_gate) {
+    if (spatial) {
       const A* bn_p = bn ? bn->const_data_ptr<A>() : nullptr;
       sgate = SpatialGateArgs<A>{taps.const_data_ptr<A>(), PaddedMaps(H, W, taps.size(-1)),
                                  conv_bias ? *conv_bias->const_data_ptr<A>() : A(0), bn_p ? bn_p[0] : A(0),
-                                 bn_p ? bn_p[1] : A(1), bn_p ? bn_p[2] : A(0)};
+                                 bn_p ? bn_p[1] : A(1), bn_p ? bn_p[2] : A(0), whole};
     }
     const SpatialGateArgs<A>* sgate_p = sgate ? &*sgate : nullptr;
     if (need_argmax) {

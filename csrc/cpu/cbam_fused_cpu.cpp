@@ -7,8 +7,8 @@
 // The small math mirrors attnkern/ops/gate_math.py line for line; the tests hold both against
 // the reference modules. Where it pays (channel_gate_per_sample), the channel pool, the MLP and
 // the passes after them run a sample per thread instead (channel_gate_per_sample_cpu), so that
-// those passes read the sample from cache: for CBAM the spatial pool, and where BN needs no batch
-// statistics the whole spatial gate and the scaling. Its MLP is the same math as dot products,
+// those passes read the sample from cache: for CBAM the spatial pool and conv, and where BN needs
+// no batch statistics the rest of the spatial gate and the scaling. Its MLP is the same math as dot products,
 // its BN the same affine map.
 
 #include <ATen/ATen.h>
@@ -184,21 +184,18 @@ ForwardOutputs cbam_fused_forward_cpu(const Tensor& x_in, const optional<Tensor>
   Tensor batch_mean = at::empty({0}, acc_opts), batch_var = at::empty({0}, acc_opts);
   Tensor pools, channel_argmax = at::empty({0}, long_opts), channel_gate;
   // The channel gate and the passes after it a sample per thread where that pays (see
-  // channel_gate_per_sample): the scaling for SE / ChannelGate; for CBAM the spatial pool, and the
-  // rest of the spatial gate and the scaling too unless BN needs the batch's statistics.
+  // channel_gate_per_sample): the scaling for SE / ChannelGate; for CBAM the spatial pool and conv,
+  // and the rest of the spatial gate and the scaling too unless BN needs the batch's statistics.
   const bool per_sample = fc1_weight.has_value() && channel_gate_per_sample(x, *fc1_weight);
   const SpatialBn bn{bn_weight, bn_bias, bn_running_mean, bn_running_var, bn_eps, bn_training};
   if (per_sample) {
     optional<PerSampleSpatialGate> sample_spatial_gate;
     if (conv_weight.has_value()) {
-      sample_spatial_gate.emplace();
-      if (!bn_weight.has_value() || !bn_training) {
-        sample_spatial_gate->conv_weight = conv_weight->to(acc);
-        sample_spatial_gate->conv_bias = cast(conv_bias, acc);
-        if (bn_weight.has_value()) {
-          const auto [mean, var] = running_stats(bn, acc);
-          sample_spatial_gate->bn_mean_scale_shift = at::cat({mean, bn_scale(var, bn), bn_bias->to(acc)});
-        }
+      const bool whole = !bn_weight.has_value() || !bn_training;
+      sample_spatial_gate = PerSampleSpatialGate{conv_weight->to(acc), cast(conv_bias, acc), whole, std::nullopt};
+      if (whole && bn_weight.has_value()) {
+        const auto [mean, var] = running_stats(bn, acc);
+        sample_spatial_gate->bn_mean_scale_shift = at::cat({mean, bn_scale(var, bn), bn_bias->to(acc)});
       }
     }
     const Mlp mlp = mlp_in(acc, *fc1_weight, fc1_bias, fc2_weight, fc2_bias);
@@ -210,11 +207,11 @@ ForwardOutputs cbam_fused_forward_cpu(const Tensor& x_in, const optional<Tensor>
     if (conv_weight.has_value()) {
       pooled = gate.pooled;
       spatial_argmax = gate.spatial_argmax;
+      conv_out = gate.conv_out;
     }
     if (gate.y.defined()) {
       if (gate.spatial_gate.defined()) {
         spatial_gate = gate.spatial_gate;
-        conv_out = gate.conv_out;
       }
       return {gate.y, pools, channel_argmax, channel_gate, pooled, spatial_argmax, spatial_gate, conv_out,
               batch_mean, batch_var};
@@ -240,8 +237,8 @@ ForwardOutputs cbam_fused_forward_cpu(const Tensor& x_in, const optional<Tensor>
   if (conv_weight.has_value()) {
     if (!per_sample) {
       std::tie(pooled, spatial_argmax) = spatial_pool_cpu(x, channel_gate, need_argmax);
+      conv_out = spatial_conv_cpu(pooled, conv_weight->to(acc), cast(conv_bias, acc));
     }
-    conv_out = spatial_conv_cpu(pooled, conv_weight->to(acc), cast(conv_bias, acc));
     Tensor logits = conv_out;
     if (bn_weight.has_value()) {
       const auto [mean, var] = bn_stats(conv_out, bn);

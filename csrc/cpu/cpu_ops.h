@@ -20,21 +20,23 @@ at::Tensor apply_gates_cpu(const at::Tensor& x, const at::Tensor& channel_gate,
 // The channel gate with whole samples per thread (channel pool, MLP, then the sample's next passes
 // while it is in the thread's L2). What comes after the channel gate:
 //   no spatial gate: y = x * Mc (SE, ChannelGate);
-//   spatial_gate.conv_weight undefined: CBAM's spatial pool of x * Mc (its conv and BN are left to
-//     the caller: BN in training needs the whole batch);
-//   spatial_gate.conv_weight defined: CBAM's whole spatial gate and y = x * Mc * Ms.
+//   a spatial gate: CBAM's spatial pool of x * Mc and its conv; with `whole` also BN, the sigmoid
+//     and y = x * Mc * Ms. Without it (BN in training needs the whole batch's statistics) the
+//     caller normalises conv_out and scales.
 // MLP and spatial-gate parameters in x's acc dtype. need_argmax: the max pools' argmaxes too (else
 // those outputs are empty).
 struct PerSampleSpatialGate {
   at::Tensor conv_weight;               // (1, 2, k, k), k odd
   std::optional<at::Tensor> conv_bias;  // (1,)
-  // (3,): BN as logits = (conv_out - mean) * scale + shift, with its running statistics.
+  bool whole;
+  // (3,), with whole: BN as logits = (conv_out - mean) * scale + shift, with its running statistics.
   std::optional<at::Tensor> bn_mean_scale_shift;
 };
 struct PerSampleGate {
-  at::Tensor y;                                // undefined with the spatial pool alone
-  at::Tensor pooled;                           // (N, 2, H, W) with a spatial gate, else undefined
-  at::Tensor conv_out, spatial_gate;           // (N, 1, H, W), (N, H, W) with the whole spatial gate
+  at::Tensor y;             // undefined with a spatial gate that is not whole
+  at::Tensor pooled;        // (N, 2, H, W) with a spatial gate, else undefined
+  at::Tensor conv_out;      // (N, 1, H, W) with a spatial gate, else undefined
+  at::Tensor spatial_gate;  // (N, H, W) with a whole spatial gate, else undefined
   at::Tensor pools, channel_gate, channel_argmax, spatial_argmax;
 };
 PerSampleGate channel_gate_per_sample_cpu(const at::Tensor& x, const at::Tensor& fc1_weight,
