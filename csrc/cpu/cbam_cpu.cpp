@@ -404,6 +404,63 @@ void channel_gate_per_sample_kernel(const at::Tensor& x, Layout layout, const Ml
   });
 }
 
+// ---- the shared MLP's backward ----------------------------------------------------------------
+
+// y += a * x over n elements.
+template <typename A>
+inline void axpy(A* y, A a, const A* x, int64_t n) {
+  const Vectorized<A> av(a);
+  map_range(y, 0, n, [&](int64_t j, int64_t cnt) { return at::vec::fmadd(av, load_acc_n(x + j, cnt), load_acc_n(y + j, cnt)); });
+}
+
+// The backward of gate = sigmoid(sum_p fc2(relu(fc1(pools[p])))) for pools (P, N, C), as
+// mlp_backward in cbam_fused_cpu.cpp, a sample at a time with vector dot products and axpys:
+// grad_pools (P, N, C) and the parameter grads (zeroed by the caller; biases may be null).
+template <typename A>
+void mlp_backward_kernel(const A* pools, int64_t P, int64_t N, int64_t C, const A* gate, const A* grad_gate,
+                         const MlpWeights<A>& mlp, A* grad_pools, A* d_fc1_w, A* d_fc1_b, A* d_fc2_w, A* d_fc2_b) {
+  const int64_t Ch = mlp.hidden;
+  std::vector<A> grad_logits(C), hidden(P * Ch), hidden_sum(Ch), grad_base(Ch), grad_hidden(P * Ch);
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t c = 0; c < C; ++c) {
+      const A g = gate[n * C + c];
+      grad_logits[c] = grad_gate[n * C + c] * g * (A(1) - g);
+    }
+    std::fill(hidden_sum.begin(), hidden_sum.end(), A(0));
+    for (int64_t p = 0; p < P; ++p) {
+      const A* pool = pools + (p * N + n) * C;
+      for (int64_t h = 0; h < Ch; ++h) {
+        const A* w = mlp.fc1_weight + h * C;
+        const A z = row_sum<A>(C, [&](int64_t j, int64_t cnt) { return load_acc_n(w + j, cnt) * load_acc_n(pool + j, cnt); }) +
+                    (mlp.fc1_bias ? mlp.fc1_bias[h] : A(0));
+        hidden[p * Ch + h] = std::isnan(z) ? z : std::max(A(0), z);
+        hidden_sum[h] += hidden[p * Ch + h];
+      }
+    }
+    std::fill(grad_base.begin(), grad_base.end(), A(0));  // grad_logits @ fc2_weight
+    for (int64_t c = 0; c < C; ++c) {
+      axpy(grad_base.data(), grad_logits[c], mlp.fc2_weight + c * Ch, Ch);
+      axpy(d_fc2_w + c * Ch, grad_logits[c], hidden_sum.data(), Ch);
+      if (d_fc2_b != nullptr) {
+        d_fc2_b[c] += A(P) * grad_logits[c];
+      }
+    }
+    for (int64_t p = 0; p < P; ++p) {
+      const A* pool = pools + (p * N + n) * C;
+      A* grad_pool = grad_pools + (p * N + n) * C;
+      std::fill(grad_pool, grad_pool + C, A(0));
+      for (int64_t h = 0; h < Ch; ++h) {
+        const A gh = hidden[p * Ch + h] > A(0) ? grad_base[h] : A(0);  // ReLU's gradient
+        axpy(grad_pool, gh, mlp.fc1_weight + h * C, C);
+        axpy(d_fc1_w + h * C, gh, pool, C);
+        if (d_fc1_b != nullptr) {
+          d_fc1_b[h] += gh;
+        }
+      }
+    }
+  }
+}
+
 // ---- spatial_gate_grad ----------------------------------------------------------------------
 
 template <typename T>
@@ -984,6 +1041,32 @@ PerSampleGate channel_gate_per_sample_cpu(const Tensor& x_in, const Tensor& fc1_
     }
   });
   return out;
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> mlp_backward_cpu(const Tensor& grad_gate, const Tensor& gate,
+                                                                    const Tensor& pools, const Tensor& fc1_weight,
+                                                                    const optional<Tensor>& fc1_bias,
+                                                                    const Tensor& fc2_weight,
+                                                                    const optional<Tensor>& fc2_bias) {
+  TORCH_CHECK(use_vec_kernels(), "attnkern::mlp_backward_cpu needs the vector kernels");
+  const auto contiguous = [](const optional<Tensor>& t) { return t ? optional<Tensor>(t->contiguous()) : std::nullopt; };
+  const Tensor pools_c = pools.contiguous(), gate_c = gate.contiguous(), grad_c = grad_gate.contiguous();
+  const Tensor w1 = fc1_weight.contiguous(), w2 = fc2_weight.contiguous();
+  const optional<Tensor> b1 = contiguous(fc1_bias), b2 = contiguous(fc2_bias);
+  const int64_t P = pools.size(0), N = pools.size(1), C = pools.size(2);
+  Tensor grad_pools = at::empty_like(pools_c);
+  Tensor d_w1 = at::zeros_like(w1), d_w2 = at::zeros_like(w2);
+  Tensor d_b1 = b1 ? at::zeros_like(*b1) : Tensor(), d_b2 = b2 ? at::zeros_like(*b2) : Tensor();
+  AT_DISPATCH_FLOATING_TYPES(pools.scalar_type(), "attnkern_mlp_backward_cpu", [&] {
+    const MlpWeights<scalar_t> mlp{w1.const_data_ptr<scalar_t>(), b1 ? b1->const_data_ptr<scalar_t>() : nullptr,
+                                   w2.const_data_ptr<scalar_t>(), b2 ? b2->const_data_ptr<scalar_t>() : nullptr,
+                                   w1.size(0)};
+    mlp_backward_kernel<scalar_t>(pools_c.const_data_ptr<scalar_t>(), P, N, C, gate_c.const_data_ptr<scalar_t>(),
+                                  grad_c.const_data_ptr<scalar_t>(), mlp, grad_pools.mutable_data_ptr<scalar_t>(),
+                                  d_w1.mutable_data_ptr<scalar_t>(), b1 ? d_b1.mutable_data_ptr<scalar_t>() : nullptr,
+                                  d_w2.mutable_data_ptr<scalar_t>(), b2 ? d_b2.mutable_data_ptr<scalar_t>() : nullptr);
+  });
+  return {grad_pools, d_w1, d_b1, d_w2, d_b2};
 }
 
 Tensor spatial_gate_grad_cpu(const Tensor& grad_in, const Tensor& x_in, const Tensor& cgate_in) {

@@ -43,6 +43,13 @@ PerSampleGate channel_gate_per_sample_cpu(const at::Tensor& x, const at::Tensor&
                                           const std::optional<at::Tensor>& fc1_bias, const at::Tensor& fc2_weight,
                                           const std::optional<at::Tensor>& fc2_bias, bool use_avg, bool use_max,
                                           const std::optional<PerSampleSpatialGate>& spatial_gate, bool need_argmax);
+// The shared MLP's backward in loops (cbam_fused_cpu.cpp's mlp_backward, for small MLPs, where
+// ATen's ~15 calls cost ~0.1 ms): (grad_pools, d fc1_weight, d fc1_bias, d fc2_weight, d fc2_bias),
+// an absent bias's grad undefined. All in one acc dtype; pools (P, N, C), gates (N, C).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_backward_cpu(
+    const at::Tensor& grad_gate, const at::Tensor& gate, const at::Tensor& pools, const at::Tensor& fc1_weight,
+    const std::optional<at::Tensor>& fc1_bias, const at::Tensor& fc2_weight,
+    const std::optional<at::Tensor>& fc2_bias);
 at::Tensor spatial_gate_grad_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& channel_gate);
 at::Tensor channel_gate_grad_cpu(const at::Tensor& grad, const at::Tensor& x,
                                  const std::optional<at::Tensor>& spatial_gate,
