@@ -404,6 +404,71 @@ void channel_gate_per_sample_kernel(const at::Tensor& x, Layout layout, const Ml
   });
 }
 
+// ---- the spatial gate's BN, over the (N, 1, H, W) conv output ---------------------------------
+
+// sum over j in [0, n) of f(j, cnt) (lanes past cnt must be zero), in double: blocks of 1024
+// elements are summed in vector lanes first.
+template <typename A, typename F>
+double block_sum(int64_t n, const F& f) {
+  constexpr int64_t kBlock = 1024;
+  double total = 0;
+  for (int64_t b = 0; b < n; b += kBlock) {
+    total += row_sum<A>(std::min(kBlock, n - b), [&](int64_t j, int64_t cnt) { return f(b + j, cnt); });
+  }
+  return total;
+}
+
+// (mean, biased variance) of the m values of z, two passes; (0, 0) for none.
+template <typename A>
+std::pair<double, double> mean_var(const A* z, int64_t m) {
+  using V = Vectorized<A>;
+  if (m == 0) {
+    return {0.0, 0.0};
+  }
+  const double mean = block_sum<A>(m, [&](int64_t j, int64_t cnt) { return load_acc_n(z + j, cnt); }) / m;
+  const V mv(static_cast<A>(mean));
+  const double var = block_sum<A>(m, [&](int64_t j, int64_t cnt) {
+                       const V d = load_acc_n(z + j, cnt) - mv;
+                       return cnt == V::size() ? d * d : V::set(V(A(0)), d * d, cnt);
+                     }) / m;
+  return {mean, var};
+}
+
+// The spatial gate's backward from gate = sigmoid(logits) to the conv output z, m values:
+// g = dgate * gate * (1 - gate); with BN, logits = w * (z - mean) * invstd + b and xhat = (z - mean)
+// * invstd: grad_z = w * invstd * (g - [training] (sum g + xhat * sum g * xhat) / m); without it
+// grad_z = g. Returns (sum g * xhat, sum g, sum grad_z): BN's weight and bias grads, the conv
+// bias's.
+template <typename A>
+std::tuple<double, double, double> spatial_logit_backward_kernel(const A* dgate, const A* gate, const A* z, int64_t m,
+                                                                 const SpatialBnScalars* bn, A* grad_z) {
+  using V = Vectorized<A>;
+  const V one(A(1));
+  auto g_at = [&](int64_t j, int64_t cnt) {
+    const V s = load_acc_n(gate + j, cnt);
+    return load_acc_n(dgate + j, cnt) * s * (one - s);
+  };
+  if (bn == nullptr) {
+    map_range(grad_z, 0, m, g_at);
+    return {0.0, 0.0, block_sum<A>(m, [&](int64_t j, int64_t cnt) { return load_acc_n(grad_z + j, cnt); })};
+  }
+  const V mean(static_cast<A>(bn->mean)), invstd(static_cast<A>(bn->invstd));
+  auto xhat_at = [&](int64_t j, int64_t cnt) { return (load_acc_n(z + j, cnt) - mean) * invstd; };
+  const double sum_g = block_sum<A>(m, g_at);
+  const double sum_g_xhat = block_sum<A>(m, [&](int64_t j, int64_t cnt) { return g_at(j, cnt) * xhat_at(j, cnt); });
+  const V scale(static_cast<A>(bn->weight * bn->invstd));
+  if (bn->training && m > 0) {
+    const V g_mean(static_cast<A>(sum_g / m)), gx_mean(static_cast<A>(sum_g_xhat / m));
+    map_range(grad_z, 0, m, [&](int64_t j, int64_t cnt) {
+      return scale * (g_at(j, cnt) - g_mean - xhat_at(j, cnt) * gx_mean);
+    });
+  } else {
+    map_range(grad_z, 0, m, [&](int64_t j, int64_t cnt) { return scale * g_at(j, cnt); });
+  }
+  const double sum_grad_z = block_sum<A>(m, [&](int64_t j, int64_t cnt) { return load_acc_n(grad_z + j, cnt); });
+  return {sum_g_xhat, sum_g, sum_grad_z};
+}
+
 // ---- the shared MLP's backward ----------------------------------------------------------------
 
 // y += a * x over n elements.
@@ -1041,6 +1106,33 @@ PerSampleGate channel_gate_per_sample_cpu(const Tensor& x_in, const Tensor& fc1_
     }
   });
   return out;
+}
+
+std::pair<double, double> spatial_map_mean_var_cpu(const Tensor& conv_out) {
+  TORCH_CHECK(use_vec_kernels(), "attnkern::spatial_map_mean_var_cpu needs the vector kernels");
+  const Tensor z = conv_out.contiguous();
+  std::pair<double, double> out;
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "attnkern_spatial_mean_var_cpu",
+                             [&] { out = mean_var(z.const_data_ptr<scalar_t>(), z.numel()); });
+  return out;
+}
+
+std::tuple<Tensor, double, double, double> spatial_logit_backward_cpu(const Tensor& grad_gate, const Tensor& gate,
+                                                                      const Tensor& conv_out,
+                                                                      const optional<SpatialBnScalars>& bn) {
+  TORCH_CHECK(use_vec_kernels(), "attnkern::spatial_logit_backward_cpu needs the vector kernels");
+  const Tensor dgate = grad_gate.contiguous(), g = gate.contiguous(), z = conv_out.contiguous();
+  TORCH_CHECK(dgate.numel() == z.numel() && g.numel() == z.numel(),
+              "attnkern::spatial_logit_backward_cpu: the gate, its grad and the conv output must match, got ",
+              dgate.sizes(), ", ", g.sizes(), ", ", z.sizes());
+  Tensor grad_z = at::empty_like(z);
+  std::tuple<double, double, double> sums;
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "attnkern_spatial_logit_backward_cpu", [&] {
+    sums = spatial_logit_backward_kernel(dgate.const_data_ptr<scalar_t>(), g.const_data_ptr<scalar_t>(),
+                                         z.const_data_ptr<scalar_t>(), z.numel(), bn ? &*bn : nullptr,
+                                         grad_z.mutable_data_ptr<scalar_t>());
+  });
+  return {grad_z, std::get<0>(sums), std::get<1>(sums), std::get<2>(sums)};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> mlp_backward_cpu(const Tensor& grad_gate, const Tensor& gate,

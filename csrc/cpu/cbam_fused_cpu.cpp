@@ -89,9 +89,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> mlp_backward(const Tensor& gr
   };
 }
 
-// Biased (var, mean) per channel over (N, H, W); zeros for an empty batch instead of NaN.
+// Biased (var, mean) per channel over (N, H, W); zeros for an empty batch instead of NaN. The one
+// channel of CBAM's conv output in C++ (spatial_map_mean_var_cpu) where the vector kernels run.
 std::pair<Tensor, Tensor> batch_stats(const Tensor& t) {
   const int64_t channels = t.size(1);
+  if (channels == 1 && use_vec_kernels()) {
+    const auto [mean, var] = spatial_map_mean_var_cpu(t);
+    return {at::full({1}, var, t.options()), at::full({1}, mean, t.options())};
+  }
   if (t.numel() == 0) {
     return {at::zeros({channels}, t.options()), at::zeros({channels}, t.options())};
   }
@@ -133,8 +138,26 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> spatial_backward(const Tensor
                                                                     const Tensor& conv_weight, bool has_conv_bias,
                                                                     const SpatialBn& bn) {
   const auto acc = pooled.scalar_type();
-  Tensor grad_logits = (grad_gate * gate * (1 - gate)).unsqueeze(1);  // (N, 1, H, W)
-  Tensor grad_bn_weight, grad_bn_bias;
+  Tensor grad_logits, grad_conv_bias, grad_bn_weight, grad_bn_bias;
+  if (use_vec_kernels()) {  // the same math in one C++ pass or two (spatial_logit_backward_cpu)
+    optional<SpatialBnScalars> scalars;
+    if (bn.weight.has_value()) {
+      const auto [mean, var] = bn_stats(conv_out, bn);
+      scalars = SpatialBnScalars{bn.weight->item<double>(), mean.item<double>(),
+                                 1.0 / std::sqrt(var.item<double>() + bn.eps), bn.training};
+    }
+    double d_weight, d_bias, d_conv_bias;
+    std::tie(grad_logits, d_weight, d_bias, d_conv_bias) = spatial_logit_backward_cpu(grad_gate, gate, conv_out, scalars);
+    const auto scalar = [&](double v) { return at::full({1}, v, conv_out.options()); };
+    if (bn.weight.has_value()) {
+      grad_bn_weight = scalar(d_weight);
+      grad_bn_bias = scalar(d_bias);
+    }
+    grad_conv_bias = has_conv_bias ? scalar(d_conv_bias) : Tensor();
+    auto [grad_pooled, grad_conv_weight] = spatial_conv_backward_cpu(grad_logits, pooled, conv_weight.to(acc));
+    return {grad_pooled, grad_conv_weight, grad_conv_bias, grad_bn_weight, grad_bn_bias};
+  }
+  grad_logits = (grad_gate * gate * (1 - gate)).unsqueeze(1);  // (N, 1, H, W)
   if (bn.weight.has_value()) {
     const auto [mean, var] = bn_stats(conv_out, bn);
     const Tensor invstd = per_channel(at::rsqrt(var + bn.eps));
@@ -149,7 +172,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> spatial_backward(const Tensor
     grad_logits = grad_normalized * invstd;
   }
   auto [grad_pooled, grad_conv_weight] = spatial_conv_backward_cpu(grad_logits, pooled, conv_weight.to(acc));
-  Tensor grad_conv_bias = has_conv_bias ? grad_logits.sum({0, 2, 3}) : Tensor();
+  grad_conv_bias = has_conv_bias ? grad_logits.sum({0, 2, 3}) : Tensor();
   return {grad_pooled, grad_conv_weight, grad_conv_bias, grad_bn_weight, grad_bn_bias};
 }
 

@@ -43,6 +43,20 @@ PerSampleGate channel_gate_per_sample_cpu(const at::Tensor& x, const at::Tensor&
                                           const std::optional<at::Tensor>& fc1_bias, const at::Tensor& fc2_weight,
                                           const std::optional<at::Tensor>& fc2_bias, bool use_avg, bool use_max,
                                           const std::optional<PerSampleSpatialGate>& spatial_gate, bool need_argmax);
+// CBAM's spatial BN over the conv output map (N, 1, H, W), for the whole-op kernel: its batch
+// (mean, biased variance), in double; and the backward from the spatial gate's sigmoid to the conv
+// output, returning (grad_conv_out, d bn_weight, d bn_bias, d conv_bias), the three grads as
+// sums in double. SpatialBnScalars: BN's weight and the (mean, invstd) it normalised with; absent:
+// no BN. Both replace ~20 small ATen calls per training step.
+struct SpatialBnScalars {
+  double weight, mean, invstd;
+  bool training;
+};
+std::pair<double, double> spatial_map_mean_var_cpu(const at::Tensor& conv_out);
+std::tuple<at::Tensor, double, double, double> spatial_logit_backward_cpu(const at::Tensor& grad_gate,
+                                                                          const at::Tensor& gate,
+                                                                          const at::Tensor& conv_out,
+                                                                          const std::optional<SpatialBnScalars>& bn);
 // The shared MLP's backward in loops (cbam_fused_cpu.cpp's mlp_backward, for small MLPs, where
 // ATen's ~15 calls cost ~0.1 ms): (grad_pools, d fc1_weight, d fc1_bias, d fc2_weight, d fc2_bias),
 // an absent bias's grad undefined. All in one acc dtype; pools (P, N, C), gates (N, C).
