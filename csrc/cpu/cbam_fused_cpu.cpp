@@ -154,25 +154,24 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> spatial_backward(const Tensor
       grad_bn_bias = scalar(d_bias);
     }
     grad_conv_bias = has_conv_bias ? scalar(d_conv_bias) : Tensor();
-    auto [grad_pooled, grad_conv_weight] = spatial_conv_backward_cpu(grad_logits, pooled, conv_weight.to(acc));
-    return {grad_pooled, grad_conv_weight, grad_conv_bias, grad_bn_weight, grad_bn_bias};
-  }
-  grad_logits = (grad_gate * gate * (1 - gate)).unsqueeze(1);  // (N, 1, H, W)
-  if (bn.weight.has_value()) {
-    const auto [mean, var] = bn_stats(conv_out, bn);
-    const Tensor invstd = per_channel(at::rsqrt(var + bn.eps));
-    const Tensor normalized = (conv_out - per_channel(mean)) * invstd;
-    grad_bn_weight = (grad_logits * normalized).sum({0, 2, 3});
-    grad_bn_bias = grad_logits.sum({0, 2, 3});
-    Tensor grad_normalized = grad_logits * per_channel(bn.weight->to(acc));
-    if (bn.training) {
-      grad_normalized = grad_normalized - grad_normalized.mean({0, 2, 3}, true) -
-                        normalized * (grad_normalized * normalized).mean({0, 2, 3}, true);
+  } else {
+    grad_logits = (grad_gate * gate * (1 - gate)).unsqueeze(1);  // (N, 1, H, W)
+    if (bn.weight.has_value()) {
+      const auto [mean, var] = bn_stats(conv_out, bn);
+      const Tensor invstd = per_channel(at::rsqrt(var + bn.eps));
+      const Tensor normalized = (conv_out - per_channel(mean)) * invstd;
+      grad_bn_weight = (grad_logits * normalized).sum({0, 2, 3});
+      grad_bn_bias = grad_logits.sum({0, 2, 3});
+      Tensor grad_normalized = grad_logits * per_channel(bn.weight->to(acc));
+      if (bn.training) {
+        grad_normalized = grad_normalized - grad_normalized.mean({0, 2, 3}, true) -
+                          normalized * (grad_normalized * normalized).mean({0, 2, 3}, true);
+      }
+      grad_logits = grad_normalized * invstd;
     }
-    grad_logits = grad_normalized * invstd;
+    grad_conv_bias = has_conv_bias ? grad_logits.sum({0, 2, 3}) : Tensor();
   }
   auto [grad_pooled, grad_conv_weight] = spatial_conv_backward_cpu(grad_logits, pooled, conv_weight.to(acc));
-  grad_conv_bias = has_conv_bias ? grad_logits.sum({0, 2, 3}) : Tensor();
   return {grad_pooled, grad_conv_weight, grad_conv_bias, grad_bn_weight, grad_bn_bias};
 }
 
