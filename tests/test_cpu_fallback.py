@@ -11,13 +11,24 @@ from attnkern import available_backends
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-@pytest.mark.skipif("cpu" not in available_backends("cpu"), reason="attnkern._C has no CPU kernels in this build")
-def test_kernel_contract_on_the_fallback_path():
+def run_on_the_fallback_path(names, selection):
     env = dict(os.environ, ATTNKERN_CPU_FALLBACK="1")
-    tests = [os.path.join(HERE, name) for name in ("test_kernels.py", "test_bam_kernels.py")]
+    tests = [os.path.join(HERE, name) for name in names]
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "cpu-cpu", *tests],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", selection, *tests],
         env=env, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert " passed" in result.stdout and " failed" not in result.stdout
+
+
+@pytest.mark.skipif("cpu" not in available_backends("cpu"), reason="attnkern._C has no CPU kernels in this build")
+def test_kernel_contract_on_the_fallback_path():
+    run_on_the_fallback_path(("test_kernels.py", "test_bam_kernels.py"), "cpu-cpu")
+
+
+@pytest.mark.skipif("cpu" not in available_backends("cpu"), reason="attnkern._C has no CPU kernels in this build")
+def test_whole_cbam_op_on_the_fallback_path():
+    """The CBAM whole op's small math (MLP backward, spatial BN) runs in C++ loops with AVX2 and as
+    ATen calls without: the modules against the reference, and gradcheck, on the latter."""
+    run_on_the_fallback_path(("test_cbam.py",), "cpu-cpu and (matches_reference_float64 or gradcheck or odd_maps)")
