@@ -295,7 +295,8 @@ void spatial_conv_sample(const A* pooled, A* padded, const SpatialGateArgs<A>& s
   }
   correlate_sample(padded, 2, sg.taps, conv_out, 1, g);
   const Vectorized<A> bias(sg.bias);
-  map_range(conv_out, 0, g.height * g.width, [&](int64_t j, int64_t cnt) { return load_acc_n(conv_out + j, cnt) + bias; });
+  map_range(conv_out, 0, g.height * g.width,
+            [&](int64_t j, int64_t cnt) { return load_acc_n(conv_out + j, cnt) + bias; });
 }
 
 // gate = sigmoid(BN(conv_out)) over one sample's (H, W) map.
@@ -475,7 +476,8 @@ std::tuple<double, double, double> spatial_logit_backward_kernel(const A* dgate,
 template <typename A>
 inline void axpy(A* y, A a, const A* x, int64_t n) {
   const Vectorized<A> av(a);
-  map_range(y, 0, n, [&](int64_t j, int64_t cnt) { return at::vec::fmadd(av, load_acc_n(x + j, cnt), load_acc_n(y + j, cnt)); });
+  map_range(y, 0, n,
+            [&](int64_t j, int64_t cnt) { return at::vec::fmadd(av, load_acc_n(x + j, cnt), load_acc_n(y + j, cnt)); });
 }
 
 // The backward of gate = sigmoid(sum_p fc2(relu(fc1(pools[p])))) for pools (P, N, C), as
@@ -485,7 +487,7 @@ template <typename A>
 void mlp_backward_kernel(const A* pools, int64_t P, int64_t N, int64_t C, const A* gate, const A* grad_gate,
                          const MlpWeights<A>& mlp, A* grad_pools, A* d_fc1_w, A* d_fc1_b, A* d_fc2_w, A* d_fc2_b) {
   const int64_t Ch = mlp.hidden;
-  std::vector<A> grad_logits(C), hidden(P * Ch), hidden_sum(Ch), grad_base(Ch), grad_hidden(P * Ch);
+  std::vector<A> grad_logits(C), hidden(P * Ch), hidden_sum(Ch), grad_base(Ch);
   for (int64_t n = 0; n < N; ++n) {
     for (int64_t c = 0; c < C; ++c) {
       const A g = gate[n * C + c];
@@ -496,8 +498,10 @@ void mlp_backward_kernel(const A* pools, int64_t P, int64_t N, int64_t C, const 
       const A* pool = pools + (p * N + n) * C;
       for (int64_t h = 0; h < Ch; ++h) {
         const A* w = mlp.fc1_weight + h * C;
-        const A z = row_sum<A>(C, [&](int64_t j, int64_t cnt) { return load_acc_n(w + j, cnt) * load_acc_n(pool + j, cnt); }) +
-                    (mlp.fc1_bias ? mlp.fc1_bias[h] : A(0));
+        const A dot = row_sum<A>(C, [&](int64_t j, int64_t cnt) {
+          return load_acc_n(w + j, cnt) * load_acc_n(pool + j, cnt);
+        });
+        const A z = dot + (mlp.fc1_bias ? mlp.fc1_bias[h] : A(0));
         hidden[p * Ch + h] = std::isnan(z) ? z : std::max(A(0), z);
         hidden_sum[h] += hidden[p * Ch + h];
       }
@@ -1052,8 +1056,8 @@ PerSampleGate channel_gate_per_sample_cpu(const Tensor& x_in, const Tensor& fc1_
   TORCH_CHECK(use_avg || use_max, op, ": the channel gate needs an avg or a max pool");
   const int64_t N = x_in.size(0), C = x_in.size(1), H = x_in.size(2), W = x_in.size(3), Ch = fc1_weight.size(0);
   TORCH_CHECK(H * W > 0 || N * C == 0, op, ": cannot pool over an empty H*W (x has shape ", x_in.sizes(), ")");
-  TORCH_CHECK(C > 0 || !spatial_gate.has_value() || N * H * W == 0, op, ": cannot take the max over an empty C (x has shape ",
-              x_in.sizes(), ")");
+  TORCH_CHECK(C > 0 || !spatial_gate.has_value() || N * H * W == 0, op,
+              ": cannot take the max over an empty C (x has shape ", x_in.sizes(), ")");
   TORCH_CHECK(C < (int64_t(1) << 31), op, ": more than 2^31 - 1 channels are not supported");
   auto optional_small = [&](const char* name, const optional<Tensor>& t, c10::IntArrayRef sizes) {
     return t ? optional<Tensor>(check_small(op, name, *t, p.acc, sizes, x_in)) : std::nullopt;
@@ -1141,7 +1145,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> mlp_backward_cpu(const Tensor
                                                                     const Tensor& fc2_weight,
                                                                     const optional<Tensor>& fc2_bias) {
   TORCH_CHECK(use_vec_kernels(), "attnkern::mlp_backward_cpu needs the vector kernels");
-  const auto contiguous = [](const optional<Tensor>& t) { return t ? optional<Tensor>(t->contiguous()) : std::nullopt; };
+  const auto contiguous = [](const optional<Tensor>& t) {
+    return t ? optional<Tensor>(t->contiguous()) : std::nullopt;
+  };
   const Tensor pools_c = pools.contiguous(), gate_c = gate.contiguous(), grad_c = grad_gate.contiguous();
   const Tensor w1 = fc1_weight.contiguous(), w2 = fc2_weight.contiguous();
   const optional<Tensor> b1 = contiguous(fc1_bias), b2 = contiguous(fc2_bias);

@@ -147,7 +147,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> spatial_backward(const Tensor
                                  1.0 / std::sqrt(var.item<double>() + bn.eps), bn.training};
     }
     double d_weight, d_bias, d_conv_bias;
-    std::tie(grad_logits, d_weight, d_bias, d_conv_bias) = spatial_logit_backward_cpu(grad_gate, gate, conv_out, scalars);
+    std::tie(grad_logits, d_weight, d_bias, d_conv_bias) =
+        spatial_logit_backward_cpu(grad_gate, gate, conv_out, scalars);
     const auto scalar = [&](double v) { return at::full({1}, v, conv_out.options()); };
     if (bn.weight.has_value()) {
       grad_bn_weight = scalar(d_weight);

@@ -20,7 +20,9 @@ struct PaddedMaps {
       : height(height), width(width), k(k), padded_height(height + k - 1), padded_width(width + k - 1 + kConvBlock) {}
   int64_t plane() const { return padded_height * padded_width; }
   // Offset of input pixel (h, w) in channel c's padded plane.
-  int64_t at(int64_t c, int64_t h, int64_t w) const { return (c * padded_height + h + k / 2) * padded_width + w + k / 2; }
+  int64_t at(int64_t c, int64_t h, int64_t w) const {
+    return (c * padded_height + h + k / 2) * padded_width + w + k / 2;
+  }
 };
 
 // Output rows [h, h + kRows) of output channel oc, columns [w0, w0 + kVecs vectors), in registers
