@@ -272,6 +272,18 @@ struct MlpWeights {
   int64_t hidden;
 };
 
+// Hidden unit h of the MLP for one pool (C,): relu(fc1_weight[h] . pool + fc1_bias[h]), a ReLU
+// that keeps NaN, as torch.relu.
+template <typename A>
+inline A mlp_hidden_unit(const MlpWeights<A>& mlp, const A* pool, int64_t C, int64_t h) {
+  const A* w = mlp.fc1_weight + h * C;
+  const A dot = row_sum<A>(C, [&](int64_t j, int64_t cnt) {
+    return load_acc_n(w + j, cnt) * load_acc_n(pool + j, cnt);
+  });
+  const A z = dot + (mlp.fc1_bias ? mlp.fc1_bias[h] : A(0));
+  return std::isnan(z) ? z : std::max(A(0), z);
+}
+
 // CBAM's spatial gate: taps (1, 2, k, k) on the padded pooled maps and the conv bias; with
 // `whole`, BN as (conv_out - mean) * scale + shift (mean 0, scale 1, shift 0 without BN).
 template <typename A>
@@ -363,12 +375,7 @@ void channel_gate_per_sample_kernel(const at::Tensor& x, Layout layout, const Ml
         }
         std::copy(pool->begin(), pool->end(), pools_p + (p++ * N + n) * C);
         for (int64_t h = 0; h < Ch; ++h) {
-          const A* w = mlp.fc1_weight + h * C;
-          const A z = row_sum<A>(C, [&](int64_t j, int64_t cnt) {
-            return load_acc_n(w + j, cnt) * load_acc_n(pool->data() + j, cnt);
-          });
-          const A pre = z + (mlp.fc1_bias ? mlp.fc1_bias[h] : A(0));
-          hidden[h] += std::isnan(pre) ? pre : std::max(A(0), pre);  // ReLU that keeps NaN, as torch.relu
+          hidden[h] += mlp_hidden_unit(mlp, pool->data(), C, h);
         }
       }
       A* g = gate_p + n * C;
@@ -497,12 +504,7 @@ void mlp_backward_kernel(const A* pools, int64_t P, int64_t N, int64_t C, const 
     for (int64_t p = 0; p < P; ++p) {
       const A* pool = pools + (p * N + n) * C;
       for (int64_t h = 0; h < Ch; ++h) {
-        const A* w = mlp.fc1_weight + h * C;
-        const A dot = row_sum<A>(C, [&](int64_t j, int64_t cnt) {
-          return load_acc_n(w + j, cnt) * load_acc_n(pool + j, cnt);
-        });
-        const A z = dot + (mlp.fc1_bias ? mlp.fc1_bias[h] : A(0));
-        hidden[p * Ch + h] = std::isnan(z) ? z : std::max(A(0), z);
+        hidden[p * Ch + h] = mlp_hidden_unit(mlp, pool, C, h);
         hidden_sum[h] += hidden[p * Ch + h];
       }
     }
