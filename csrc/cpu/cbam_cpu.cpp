@@ -1069,7 +1069,7 @@ PerSampleGate channel_gate_per_sample_cpu(const Tensor& x_in, const Tensor& fc1_
   const optional<Tensor> b1 = optional_small("fc1_bias", fc1_bias, {Ch});
   const optional<Tensor> b2 = optional_small("fc2_bias", fc2_bias, {C});
   Tensor taps;
-  optional<Tensor> conv_bias, bn;
+  optional<Tensor> conv_bias;
   const bool spatial = spatial_gate.has_value(), whole = spatial && spatial_gate->whole;
   if (spatial) {
     const Tensor& w = spatial_gate->conv_weight;
@@ -1077,7 +1077,6 @@ PerSampleGate channel_gate_per_sample_cpu(const Tensor& x_in, const Tensor& fc1_
     TORCH_CHECK(k % 2 == 1, op, ": conv_weight must be (1, 2, k, k) with k odd, got ", w.sizes());
     taps = check_small(op, "conv_weight", w, p.acc, {1, 2, k, k}, x_in);
     conv_bias = optional_small("conv_bias", spatial_gate->conv_bias, {1});
-    bn = optional_small("bn_mean_scale_shift", spatial_gate->bn_mean_scale_shift, {3});
   }
   const auto opts = x_in.options().dtype(p.acc);
   const auto long_opts = x_in.options().dtype(at::kLong);
@@ -1099,10 +1098,12 @@ PerSampleGate channel_gate_per_sample_cpu(const Tensor& x_in, const Tensor& fc1_
                             b2 ? b2->const_data_ptr<A>() : nullptr, Ch};
     optional<SpatialGateArgs<A>> sgate;
     if (spatial) {
-      const A* bn_p = bn ? bn->const_data_ptr<A>() : nullptr;
+      const optional<SpatialBnScalars>& bn = spatial_gate->bn;
       sgate = SpatialGateArgs<A>{taps.const_data_ptr<A>(), PaddedMaps(H, W, taps.size(-1)),
-                                 conv_bias ? *conv_bias->const_data_ptr<A>() : A(0), bn_p ? bn_p[0] : A(0),
-                                 bn_p ? bn_p[1] : A(1), bn_p ? bn_p[2] : A(0), whole};
+                                 conv_bias ? *conv_bias->const_data_ptr<A>() : A(0),
+                                 static_cast<A>(bn ? bn->mean : 0.0),
+                                 static_cast<A>(bn ? bn->weight * bn->invstd : 1.0),
+                                 static_cast<A>(bn ? bn->bias : 0.0), whole};
     }
     const SpatialGateArgs<A>* sgate_p = sgate ? &*sgate : nullptr;
     if (need_argmax) {

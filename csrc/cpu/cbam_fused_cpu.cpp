@@ -8,8 +8,8 @@
 // the reference modules. Where it pays (channel_gate_per_sample), the channel pool, the MLP and
 // the passes after them run a sample per thread instead (channel_gate_per_sample_cpu), so that
 // those passes read the sample from cache: for CBAM the spatial pool and conv, and where BN needs
-// no batch statistics the rest of the spatial gate and the scaling. Its MLP is the same math as dot products,
-// its BN the same affine map.
+// no batch statistics the rest of the spatial gate and the scaling. Its MLP is the same math as
+// dot products, its BN the same affine map.
 
 #include <ATen/ATen.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
@@ -132,6 +132,12 @@ Tensor bn_scale(const Tensor& var, const SpatialBn& bn) {
   return bn.weight->to(var.scalar_type()) * at::rsqrt(var + bn.eps);
 }
 
+// BN as numbers for the C++ kernels, normalising with (mean, var) (one-element tensors).
+SpatialBnScalars bn_scalars(const SpatialBn& bn, const Tensor& mean, const Tensor& var) {
+  return {bn.weight->item<double>(), bn.bias->item<double>(), mean.item<double>(),
+          1.0 / std::sqrt(var.item<double>() + bn.eps), bn.training};
+}
+
 // Returns (grad_pooled, d conv_weight, d conv_bias, d bn_weight, d bn_bias); absent ones undefined.
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> spatial_backward(const Tensor& grad_gate, const Tensor& gate,
                                                                     const Tensor& pooled, const Tensor& conv_out,
@@ -143,8 +149,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> spatial_backward(const Tensor
     optional<SpatialBnScalars> scalars;
     if (bn.weight.has_value()) {
       const auto [mean, var] = bn_stats(conv_out, bn);
-      scalars = SpatialBnScalars{bn.weight->item<double>(), mean.item<double>(),
-                                 1.0 / std::sqrt(var.item<double>() + bn.eps), bn.training};
+      scalars = bn_scalars(bn, mean, var);
     }
     double d_weight, d_bias, d_conv_bias;
     std::tie(grad_logits, d_weight, d_bias, d_conv_bias) =
@@ -228,7 +233,7 @@ ForwardOutputs cbam_fused_forward_cpu(const Tensor& x_in, const optional<Tensor>
       sample_spatial_gate = PerSampleSpatialGate{conv_weight->to(acc), cast(conv_bias, acc), whole, std::nullopt};
       if (whole && bn_weight.has_value()) {
         const auto [mean, var] = running_stats(bn, acc);
-        sample_spatial_gate->bn_mean_scale_shift = at::cat({mean, bn_scale(var, bn), bn_bias->to(acc)});
+        sample_spatial_gate->bn = bn_scalars(bn, mean, var);
       }
     }
     const Mlp mlp = mlp_in(acc, *fc1_weight, fc1_bias, fc2_weight, fc2_bias);

@@ -25,12 +25,17 @@ at::Tensor apply_gates_cpu(const at::Tensor& x, const at::Tensor& channel_gate,
 //     caller normalises conv_out and scales.
 // MLP and spatial-gate parameters in x's acc dtype. need_argmax: the max pools' argmaxes too (else
 // those outputs are empty).
+// CBAM's spatial BN (one channel) as numbers: its weight and bias, the (mean, invstd) it normalises
+// with, and whether those are the batch's.
+struct SpatialBnScalars {
+  double weight, bias, mean, invstd;
+  bool training;
+};
 struct PerSampleSpatialGate {
   at::Tensor conv_weight;               // (1, 2, k, k), k odd
   std::optional<at::Tensor> conv_bias;  // (1,)
   bool whole;
-  // (3,), with whole: BN as logits = (conv_out - mean) * scale + shift, with its running statistics.
-  std::optional<at::Tensor> bn_mean_scale_shift;
+  std::optional<SpatialBnScalars> bn;  // with whole: BN with its running statistics
 };
 struct PerSampleGate {
   at::Tensor y;             // undefined with a spatial gate that is not whole
@@ -46,12 +51,7 @@ PerSampleGate channel_gate_per_sample_cpu(const at::Tensor& x, const at::Tensor&
 // CBAM's spatial BN over the conv output map (N, 1, H, W), for the whole-op kernel: its batch
 // (mean, biased variance), in double; and the backward from the spatial gate's sigmoid to the conv
 // output, returning (grad_conv_out, d bn_weight, d bn_bias, d conv_bias), the three grads as
-// sums in double. SpatialBnScalars: BN's weight and the (mean, invstd) it normalised with; absent:
-// no BN. Both replace ~20 small ATen calls per training step.
-struct SpatialBnScalars {
-  double weight, mean, invstd;
-  bool training;
-};
+// sums in double. bn absent: no BN. Both replace ~20 small ATen calls per training step.
 std::pair<double, double> spatial_map_mean_var_cpu(const at::Tensor& conv_out);
 std::tuple<at::Tensor, double, double, double> spatial_logit_backward_cpu(const at::Tensor& grad_gate,
                                                                           const at::Tensor& gate,
