@@ -190,18 +190,21 @@ def test_max_ties_and_nan_pick_first(backend, device):
 
 @pytest.mark.parametrize("backend,device", PAIRS)
 @pytest.mark.parametrize("channels", [64, 130, 200, 300, 512, 600])
-def test_channel_pool_ties_everywhere(backend, device, channels):
+@pytest.mark.parametrize("size", [(2, 5, 7), (1, 13, 17)])
+def test_channel_pool_ties_everywhere(backend, device, channels, size):
     """Small integers, so that most maxima tie, in both layouts and at the C that take the CPU's
-    other NHWC walks (several buffer sets for 128 <= C <= 512, column blocks beyond): argmax is the
-    first maximal pixel, against torch.max; NaN maximal; an all -inf channel gives pixel 0."""
+    other NHWC walks (several buffer sets for 128 <= C <= 512, column blocks beyond) and map sizes
+    that end in partial vectors: argmax is the first maximal pixel, against torch.max; NaN maximal;
+    an all -inf channel gives pixel 0."""
     k = get_kernels(backend)
+    n, h, w = size
     g = torch.Generator().manual_seed(channels)
-    x = torch.randint(0, 4, (2, channels, 5, 7), generator=g).float()
+    x = torch.randint(0, 4, (2, channels, h, w), generator=g).float()
     x[0, 1] = float("-inf")
     x[1, 2, 3, 1] = float("nan")
     x[1, 3, 0, 2] = float("nan")
     x[1, 3, 4, 6] = float("nan")
-    x = x.to(device)
+    x = x[-n:].to(device)
     ravg, rmx, rarg = reference("channel_pool", x)
     for fmt in MEMORY_FORMATS:
         for dtype in (torch.float32, torch.float64):
@@ -209,7 +212,34 @@ def test_channel_pool_ties_everywhere(backend, device, channels):
             torch.testing.assert_close(avg.double(), ravg, equal_nan=True, **TOLERANCES[dtype])
             torch.testing.assert_close(mx.double(), rmx, equal_nan=True)
             assert torch.equal(arg, rarg), f"argmax {fmt} {dtype}"
-    assert arg[0, 1].item() == 0 and arg[1, 2].item() == 3 * 7 + 1 and arg[1, 3].item() == 2
+    assert arg[-1, 2].item() == 3 * w + 1 and arg[-1, 3].item() == 2
+    if n == 2:
+        assert arg[0, 1].item() == 0
+
+
+@pytest.mark.parametrize("backend,device", PAIRS)
+@pytest.mark.parametrize("channels", [8, 37, 64, 130, 300, 600])
+def test_spatial_pool_ties_everywhere(backend, device, channels):
+    """The spatial max over C the same way: small integers times gates of 1 or 2 (exact products),
+    at C that end in partial vectors and on both sides of the CPU's row lengths with the argmax
+    kept in the pass (up to 64 vectors): argmax is the first maximal channel, against torch.max;
+    NaN maximal; an all -inf pixel gives channel 0."""
+    k = get_kernels(backend)
+    g = torch.Generator().manual_seed(channels)
+    x = torch.randint(0, 4, (2, channels, 5, 7), generator=g).float()
+    x[0, :, 1, 1] = float("-inf")
+    x[1, 2, 3, 1] = float("nan")
+    x[1, 3, 0, 2] = float("nan")
+    x[1, 5, 0, 2] = float("nan")
+    gates = torch.randint(1, 3, (2, channels), generator=g).float()
+    x, gates = x.to(device), gates.to(device)
+    rpooled, rarg = reference("spatial_pool", x, gates)
+    for fmt in MEMORY_FORMATS:
+        for dtype in (torch.float32, torch.float64):
+            pooled, arg = k.spatial_pool(x.to(dtype).contiguous(memory_format=fmt), gates.to(dtype))
+            torch.testing.assert_close(pooled.double(), rpooled, equal_nan=True, **TOLERANCES[dtype])
+            assert torch.equal(arg, rarg), f"argmax {fmt} {dtype}"
+    assert arg[0, 1, 1].item() == 0 and arg[1, 3, 1].item() == 2 and arg[1, 0, 2].item() == 3
 
 
 @pytest.mark.parametrize("backend,device", PAIRS)
