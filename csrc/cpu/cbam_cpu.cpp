@@ -534,9 +534,13 @@ void mlp_backward_kernel(const A* pools, int64_t P, int64_t N, int64_t C, const 
 
 // ---- spatial_gate_grad ----------------------------------------------------------------------
 
-template <typename T>
+// out[n, hw] = sum over c of grad * x * cgate[n, c]: the spatial gate's grad through the scaling.
+// kScaling: in the same pass also scaling_out[n, c] = sum over hw of grad * x * sg[n, hw], the
+// channel gate's grad through the scaling (sg the spatial gate), so that the channel gate's own
+// pass needs x alone (channel_gate_grad_kernel without grad): the backward reads grad once less.
+template <typename T, bool kScaling>
 void spatial_gate_grad_kernel(const at::Tensor& grad, const at::Tensor& x, Layout layout, const at::Tensor& cgate,
-                              const at::Tensor& out) {
+                              const acc_t<T>* sg, const at::Tensor& out, acc_t<T>* scaling_out) {
   using A = acc_t<T>;
   using V = Vectorized<A>;
   constexpr int64_t L = V::size();
@@ -545,37 +549,83 @@ void spatial_gate_grad_kernel(const at::Tensor& grad, const at::Tensor& x, Layou
   const T* gp = grad.const_data_ptr<T>();
   const A* cg = cgate.const_data_ptr<A>();
   A* op = out.data_ptr<A>();
-  if (layout == Layout::NHWC) {
-    at::parallel_for(0, N * HW, task_grain(2 * C), [&](int64_t begin, int64_t end) {
-      int64_t n = begin / HW, hw = begin % HW;
-      for (int64_t r = begin; r < end; ++r) {
+  if (layout == Layout::NHWC) {  // row chunks; kScaling: the chunk's column sums in a buffer
+    const Tasks tk = nhwc_chunks(N, C, HW);
+    ChannelPartials<A> parts(N, C, kScaling ? tk.nch : 1, scaling_out);
+    run_tasks(tk, 2 * divup(HW, tk.nch) * C, [&](int64_t t, int64_t n, int64_t r0, int64_t r1) {
+      std::vector<A> col(kScaling ? divup(C, L) * L : 0, A(0));
+      const A* g = cg + n * C;
+      for (int64_t r = n * HW + r0; r < n * HW + r1; ++r) {
         const T* xr = xp + r * C;
         const T* gr = gp + r * C;
-        const A* g = cg + n * C;
+        const V s(kScaling ? sg[r] : A(0));
         op[r] = row_sum<A>(C, [&](int64_t j, int64_t cnt) {
-          return load_n(gr + j, cnt) * load_n(xr + j, cnt) * load_acc_n(g + j, cnt);
+          const V v = load_n(gr + j, cnt) * load_n(xr + j, cnt);
+          if constexpr (kScaling) {
+            at::vec::fmadd(v, s, V::loadu(col.data() + j)).store(col.data() + j);
+          }
+          return v * load_acc_n(g + j, cnt);
         });
-        if (++hw == HW) {
-          hw = 0;
-          ++n;
-        }
+      }
+      if constexpr (kScaling) {
+        std::copy(col.begin(), col.begin() + C, parts.row(t, n));
       }
     });
+    parts.finish();
     return;
   }
+  // NCHW: a task owns an HW tile of one sample and walks its C planes K = 4 at a time into a
+  // tile-length buffer; kScaling: each plane's sum over the tile in registers.
   const Tasks tk = nchw_tiles<T>(N, C, HW, kSeg);
-  run_tasks(tk, 2 * divup(HW, tk.nch) * C, [&](int64_t, int64_t n, int64_t h0, int64_t h1) {
+  ChannelPartials<A> parts(N, C, kScaling ? tk.nch : 1, scaling_out);
+  run_tasks(tk, 2 * divup(HW, tk.nch) * C, [&](int64_t t, int64_t n, int64_t h0, int64_t h1) {
+    const int64_t len = h1 - h0;
     Scratch<A, kSeg> sum;
-    std::fill(sum.data, sum.data + divup(h1 - h0, L) * L, A(0));
+    std::fill(sum.data, sum.data + divup(len, L) * L, A(0));
     const T* xb = xp + n * C * HW + h0;
     const T* gb = gp + n * C * HW + h0;
-    const A* g = cg + n * C;
-    col_sum<A>(
-        C, h1 - h0, sum.data, [&](int64_t k) { return RowArgs<T>{gb + k * HW, xb + k * HW, V(g[k]), V(A(0))}; },
-        [&](const RowArgs<T>& q, int64_t j, int64_t cnt) { return load_n(q.a + j, cnt) * load_n(q.b + j, cnt) * q.s; },
-        [](int64_t, int64_t) {});
-    std::copy(sum.data, sum.data + (h1 - h0), op + n * HW + h0);
+    const A* s = kScaling ? sg + n * HW + h0 : nullptr;
+    A* planes_out = kScaling ? parts.row(t, n) : nullptr;
+    auto walk = [&](auto planes, int64_t c) {
+      constexpr int64_t K = decltype(planes)::value;
+      V g[K], acc[K], v[K];
+      for (int64_t k = 0; k < K; ++k) {
+        g[k] = V(cg[n * C + c + k]);
+        acc[k] = V(A(0));
+      }
+      for (int64_t j = 0; j < len; j += L) {
+        const int64_t cnt = std::min(L, len - j);
+        for (int64_t k = 0; k < K; ++k) {
+          v[k] = load_n(gb + (c + k) * HW + j, cnt) * load_n(xb + (c + k) * HW + j, cnt);
+        }
+        V terms = v[0] * g[0];
+        if constexpr (K == 4) {
+          terms = (terms + v[1] * g[1]) + (v[2] * g[2] + v[3] * g[3]);
+        }
+        (V::loadu(sum.data + j) + terms).store(sum.data + j);
+        if constexpr (kScaling) {
+          const V sv = load_acc_n(s + j, cnt);
+          for (int64_t k = 0; k < K; ++k) {
+            acc[k] = at::vec::fmadd(v[k], sv, acc[k]);
+          }
+        }
+      }
+      if constexpr (kScaling) {
+        for (int64_t k = 0; k < K; ++k) {
+          planes_out[c + k] = hsum(acc[k]);
+        }
+      }
+    };
+    int64_t c = 0;
+    for (; c + 4 <= C; c += 4) {
+      walk(std::integral_constant<int64_t, 4>{}, c);
+    }
+    for (; c < C; ++c) {
+      walk(std::integral_constant<int64_t, 1>{}, c);
+    }
+    std::copy(sum.data, sum.data + len, op + n * HW + h0);
   });
+  parts.finish();
 }
 
 // ---- channel_gate_grad ----------------------------------------------------------------------
@@ -615,7 +665,10 @@ struct TileBuckets {
   }
 };
 
-template <typename T, bool kSpatial>
+// out[n, c] = sum over hw of g1 * x (g1: csrc/ops.cpp). kGrad false: g1 without its grad term,
+// that is the spatial pool's terms alone (which need grad_pooled; grad is not read): the channel
+// gate's grad through the spatial pool, when spatial_gate_grad_kernel made the scaling's part.
+template <typename T, bool kSpatial, bool kGrad = true>
 void channel_gate_grad_kernel(const at::Tensor& grad, const at::Tensor& x, Layout layout,
                               const SpatialTerms<acc_t<T>>& st, const at::Tensor& out) {
   using A = acc_t<T>;
@@ -623,8 +676,10 @@ void channel_gate_grad_kernel(const at::Tensor& grad, const at::Tensor& x, Layou
   constexpr int64_t L = V::size();
   const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
   const T* xp = x.const_data_ptr<T>();
-  const T* gp = grad.const_data_ptr<T>();
+  const T* gp = kGrad ? grad.const_data_ptr<T>() : nullptr;
   const bool sparse = kSpatial && st.sarg != nullptr;
+  static_assert(kGrad || kSpatial, "without grad, g1 is the spatial pool's terms");
+  TORCH_INTERNAL_ASSERT(kGrad || sparse);
   if (layout == Layout::NCHW) {
     if constexpr (!kSpatial) {
       A* op = out.data_ptr<A>();
@@ -644,7 +699,7 @@ void channel_gate_grad_kernel(const at::Tensor& grad, const at::Tensor& x, Layou
       const int64_t n = tl.n, h0 = tl.h0, h1 = tl.h1;
       A* dst = parts.row(tl.chunk, n);
       const int64_t len = h1 - h0;
-      const A* s = st.sg + n * HW + h0;
+      const A* s = kGrad ? st.sg + n * HW + h0 : nullptr;
       Scratch<A, kTile> gp0s;  // grad_pooled[:, 0] / C
       TileBuckets buckets;
       const A* g1 = nullptr;
@@ -655,11 +710,14 @@ void channel_gate_grad_kernel(const at::Tensor& grad, const at::Tensor& x, Layou
       }
       for (int64_t c = tl.c0; c < tl.c1; ++c) {
         const T* xr = xp + (n * C + c) * HW + h0;
-        const T* gr = gp + (n * C + c) * HW + h0;
+        const T* gr = kGrad ? gp + (n * C + c) * HW + h0 : nullptr;
         if (sparse) {
           A v = row_sum<A>(len, [&](int64_t j, int64_t cnt) {
-            return at::vec::fmadd(load_n(gr + j, cnt), load_acc_n(s + j, cnt), load_acc_n(gp0s.data + j, cnt)) *
-                   load_n(xr + j, cnt);
+            const V pooled_terms = load_acc_n(gp0s.data + j, cnt);
+            if constexpr (!kGrad) {
+              return pooled_terms * load_n(xr + j, cnt);
+            }
+            return at::vec::fmadd(load_n(gr + j, cnt), load_acc_n(s + j, cnt), pooled_terms) * load_n(xr + j, cnt);
           });
           for (int32_t i = buckets.start[c]; i < buckets.start[c + 1]; ++i) {
             const int32_t j = buckets.pix[i];
@@ -687,16 +745,22 @@ void channel_gate_grad_kernel(const at::Tensor& grad, const at::Tensor& x, Layou
       const int64_t cols = std::min(kCols, C - c0);
       std::fill(sum.data, sum.data + divup(cols, L) * L, A(0));
       const T* xb = xp + (n * HW + r0) * C + c0;
-      const T* gb = gp + (n * HW + r0) * C + c0;
+      const T* gb = kGrad ? gp + (n * HW + r0) * C + c0 : nullptr;
       if constexpr (kSpatial) {
-        const A* s = st.sg + n * HW + r0;
+        const A* s = kGrad ? st.sg + n * HW + r0 : nullptr;
         const A* gp0 = sparse ? st.gp + n * 2 * HW + r0 : nullptr;
         const A* g1 = sparse ? st.gp + n * 2 * HW + HW + r0 : nullptr;
         const int64_t* sarg = sparse ? st.sarg + n * HW + r0 : nullptr;
         col_sum<A>(
             r1 - r0, cols, sum.data,
-            [&](int64_t k) { return RowArgs<T>{gb + k * C, xb + k * C, V(s[k]), V(gp0 ? gp0[k] / A(C) : A(0))}; },
+            [&](int64_t k) {
+              return RowArgs<T>{kGrad ? gb + k * C : nullptr, xb + k * C, V(kGrad ? s[k] : A(0)),
+                                V(gp0 ? gp0[k] / A(C) : A(0))};
+            },
             [&](const RowArgs<T>& q, int64_t j, int64_t cnt) {
+              if constexpr (!kGrad) {
+                return q.t * load_n(q.b + j, cnt);
+              }
               return at::vec::fmadd(load_n(q.a + j, cnt), q.s, q.t) * load_n(q.b + j, cnt);
             },
             [&](int64_t k0, int64_t k1) {
@@ -908,6 +972,12 @@ std::tuple<Tensor, Tensor> spatial_pool(const Tensor& x, const Tensor& gate) {
   return {at::stack({x1.mean(1), mx}, 1), arg};
 }
 
+// g1's terms from the spatial pool (grad_pooled, spatial_argmax given).
+Tensor pooled_terms(const Tensor& x, const Tensor& gp, const Tensor& sarg) {
+  auto onehot = at::arange(x.size(1), sarg.options()).view({1, -1, 1, 1}) == sarg.unsqueeze(1);
+  return gp.narrow(1, 0, 1) / x.size(1) + gp.narrow(1, 1, 1) * onehot;
+}
+
 Tensor g1_of(const Tensor& grad, const Tensor& x, const optional<Tensor>& sg, const optional<Tensor>& gp,
              const optional<Tensor>& sarg) {
   auto g1 = acc(grad);
@@ -915,12 +985,7 @@ Tensor g1_of(const Tensor& grad, const Tensor& x, const optional<Tensor>& sg, co
     return g1;
   }
   g1 = g1 * sg->unsqueeze(1);
-  if (gp.has_value()) {
-    g1 = g1 + gp->narrow(1, 0, 1) / x.size(1);
-    auto onehot = at::arange(x.size(1), sarg->options()).view({1, -1, 1, 1}) == sarg->unsqueeze(1);
-    g1 = g1 + gp->narrow(1, 1, 1) * onehot;
-  }
-  return g1;
+  return gp.has_value() ? g1 + pooled_terms(x, *gp, *sarg) : g1;
 }
 
 }  // namespace fallback
@@ -1170,20 +1235,73 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> mlp_backward_cpu(const Tensor
   return {grad_pools, d_w1, d_b1, d_w2, d_b2};
 }
 
-Tensor spatial_gate_grad_cpu(const Tensor& grad_in, const Tensor& x_in, const Tensor& cgate_in) {
+namespace {
+
+// spatial_gate_grad, and with sg_in (the spatial gate) also the channel gate's grad through the
+// scaling (undefined without).
+std::pair<Tensor, Tensor> spatial_gate_grad_impl(const Tensor& grad_in, const Tensor& x_in, const Tensor& cgate_in,
+                                                 const optional<Tensor>& sg_in) {
   constexpr const char* op = "attnkern::spatial_gate_grad";
   auto p = prepare(op, x_in);
   check_like_x(op, "grad", grad_in, x_in);
   const int64_t N = x_in.size(0), C = x_in.size(1), H = x_in.size(2), W = x_in.size(3);
   Tensor cgate = check_small(op, "channel_gate", cgate_in, p.acc, {N, C}, x_in);
+  optional<Tensor> sg;
+  if (sg_in.has_value()) {
+    sg = check_spatial_map(op, "spatial_gate", *sg_in, p.acc, x_in);
+  }
   if (!use_vec_kernels()) {
-    return (acc(grad_in) * acc(x_in) * cgate.unsqueeze(-1).unsqueeze(-1)).sum(1);
+    const Tensor product = acc(grad_in) * acc(x_in);
+    return {(product * cgate.unsqueeze(-1).unsqueeze(-1)).sum(1),
+            sg.has_value() ? (product * sg->unsqueeze(1)).sum({2, 3}) : Tensor()};
   }
   Tensor grad = in_layout(grad_in, p.layout);
   Tensor out = at::empty({N, H, W}, x_in.options().dtype(p.acc));
-  if (out.numel() > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.x.scalar_type(), "attnkern_spatial_gate_grad_cpu",
-                                    [&] { spatial_gate_grad_kernel<scalar_t>(grad, p.x, p.layout, cgate, out); });
+  Tensor channel = sg.has_value() ? at::zeros({N, C}, out.options()) : Tensor();
+  if (out.numel() > 0 && C > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.x.scalar_type(), "attnkern_spatial_gate_grad_cpu", [&] {
+      using A = acc_t<scalar_t>;
+      if (sg.has_value()) {
+        spatial_gate_grad_kernel<scalar_t, true>(grad, p.x, p.layout, cgate, sg->const_data_ptr<A>(), out,
+                                                 channel.data_ptr<A>());
+      } else {
+        spatial_gate_grad_kernel<scalar_t, false>(grad, p.x, p.layout, cgate, nullptr, out, nullptr);
+      }
+    });
+  } else {
+    out.zero_();  // empty sums
+  }
+  return {out, channel};
+}
+
+}  // namespace
+
+Tensor spatial_gate_grad_cpu(const Tensor& grad, const Tensor& x, const Tensor& cgate) {
+  return spatial_gate_grad_impl(grad, x, cgate, std::nullopt).first;
+}
+
+std::pair<Tensor, Tensor> scaling_grads_cpu(const Tensor& grad, const Tensor& x, const Tensor& cgate,
+                                            const Tensor& sgate) {
+  return spatial_gate_grad_impl(grad, x, cgate, sgate);
+}
+
+Tensor spatial_pool_channel_grad_cpu(const Tensor& x_in, const Tensor& gp_in, const Tensor& sarg_in) {
+  constexpr const char* op = "attnkern::spatial_pool_channel_grad";
+  auto p = prepare(op, x_in);
+  const int64_t N = x_in.size(0), C = x_in.size(1), H = x_in.size(2), W = x_in.size(3);
+  Tensor gp = check_small(op, "grad_pooled", gp_in, p.acc, {N, 2, H, W}, x_in);
+  Tensor sarg = check_spatial_map(op, "spatial_argmax", sarg_in, at::kLong, x_in);
+  if (!use_vec_kernels()) {
+    return (fallback::pooled_terms(x_in, gp, sarg) * acc(x_in)).sum({2, 3});
+  }
+  Tensor out = at::zeros({N, C}, x_in.options().dtype(p.acc));
+  if (out.numel() > 0 && H * W > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.x.scalar_type(), "attnkern_spatial_pool_channel_grad_cpu", [&] {
+      SpatialTerms<acc_t<scalar_t>> st;
+      st.gp = gp.const_data_ptr<acc_t<scalar_t>>();
+      st.sarg = sarg.const_data_ptr<int64_t>();
+      channel_gate_grad_kernel<scalar_t, true, false>(Tensor(), p.x, p.layout, st, out);
+    });
   }
   return out;
 }

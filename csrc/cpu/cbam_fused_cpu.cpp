@@ -305,8 +305,16 @@ BackwardOutputs cbam_fused_backward_cpu(
   const Tensor grad = in_layout(grad_in, layout_of(x));
   optional<Tensor> sg, grad_pooled, sarg;
   Tensor d_conv_weight, d_conv_bias, d_bn_weight, d_bn_bias;
+  // With both gates the first pass also makes the channel gate's grad through the scaling, so
+  // that its pass through the spatial pool reads x alone (scaling_grads_cpu).
+  Tensor grad_channel_gate;
   if (conv_weight.has_value()) {
-    const Tensor grad_spatial_gate = spatial_gate_grad_cpu(grad, x, channel_gate);
+    Tensor grad_spatial_gate;
+    if (fc1_weight.has_value()) {
+      std::tie(grad_spatial_gate, grad_channel_gate) = scaling_grads_cpu(grad, x, channel_gate, spatial_gate);
+    } else {
+      grad_spatial_gate = spatial_gate_grad_cpu(grad, x, channel_gate);
+    }
     const SpatialBn bn{bn_weight, bn_bias, bn_running_mean, bn_running_var, bn_eps, bn_training};
     Tensor gp;
     std::tie(gp, d_conv_weight, d_conv_bias, d_bn_weight, d_bn_bias) = spatial_backward(
@@ -318,7 +326,11 @@ BackwardOutputs cbam_fused_backward_cpu(
   optional<Tensor> grad_avg, grad_max, max_argmax;
   Tensor d_fc1_weight, d_fc1_bias, d_fc2_weight, d_fc2_bias;
   if (fc1_weight.has_value()) {
-    const Tensor grad_channel_gate = channel_gate_grad_cpu(grad, x, sg, grad_pooled, sarg);
+    if (conv_weight.has_value()) {
+      grad_channel_gate.add_(spatial_pool_channel_grad_cpu(x, *grad_pooled, *sarg));
+    } else {
+      grad_channel_gate = channel_gate_grad_cpu(grad, x, sg, grad_pooled, sarg);
+    }
     const Mlp mlp = mlp_in(pools.scalar_type(), *fc1_weight, fc1_bias, fc2_weight, fc2_bias);
     Tensor grad_pools;
     std::tie(grad_pools, d_fc1_weight, d_fc1_bias, d_fc2_weight, d_fc2_bias) =

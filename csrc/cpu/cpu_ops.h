@@ -65,6 +65,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_backw
     const std::optional<at::Tensor>& fc1_bias, const at::Tensor& fc2_weight,
     const std::optional<at::Tensor>& fc2_bias);
 at::Tensor spatial_gate_grad_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& channel_gate);
+// The gradients of y = x * channel_gate * spatial_gate's two gates in one pass over (grad, x):
+// spatial_gate_grad's (N, H, W) result and sum over hw of grad * x * spatial_gate (N, C).
+std::pair<at::Tensor, at::Tensor> scaling_grads_cpu(const at::Tensor& grad, const at::Tensor& x,
+                                                    const at::Tensor& channel_gate, const at::Tensor& spatial_gate);
+// The channel gate's grad through CBAM's spatial pool, in a pass over x alone: channel_gate_grad
+// without its grad * spatial_gate term (scaling_grads_cpu's second result), (N, C).
+at::Tensor spatial_pool_channel_grad_cpu(const at::Tensor& x, const at::Tensor& grad_pooled,
+                                         const at::Tensor& spatial_argmax);
 at::Tensor channel_gate_grad_cpu(const at::Tensor& grad, const at::Tensor& x,
                                  const std::optional<at::Tensor>& spatial_gate,
                                  const std::optional<at::Tensor>& grad_pooled,
