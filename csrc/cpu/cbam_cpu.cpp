@@ -45,7 +45,8 @@ void nhwc_channel_stats(const T* xs, int64_t C, int64_t r0, int64_t r1, const Em
   using A = acc_t<T>;
   constexpr int64_t L = Vectorized<A>::size();
   constexpr int64_t kSetEntries = 1024;  // the sets' total (8 KiB of sums and maxima in fp32)
-  Scratch<A, kSetEntries> sum, best, idx;
+  ScratchSet<A, kSetEntries, 3> bufs;
+  A *sum = bufs[0], *best = bufs[1], *idx = bufs[2];
   const T* rows = xs + r0 * C;
   const int64_t padded_c = divup(C, L) * L;
   const bool in_sets = C >= 128 && 2 * padded_c <= kSetEntries;
@@ -54,16 +55,16 @@ void nhwc_channel_stats(const T* xs, int64_t C, int64_t r0, int64_t r1, const Em
   for (int64_t c0 = 0; c0 < C; c0 += block) {
     const int64_t cols = std::min(block, C - c0);
     const int64_t padded = divup(cols, L) * L;
-    std::fill(sum.data, sum.data + sets * padded, A(0));
-    std::fill(best.data, best.data + sets * padded, -std::numeric_limits<A>::infinity());
-    std::fill(idx.data, idx.data + sets * padded, c10::bit_cast<A>(bits_t<A>(0)));
+    std::fill(sum, sum + sets * padded, A(0));
+    std::fill(best, best + sets * padded, -std::numeric_limits<A>::infinity());
+    std::fill(idx, idx + sets * padded, c10::bit_cast<A>(bits_t<A>(0)));
     if (in_sets) {
-      row_set_stats<T, kArg>(rows, C, r1 - r0, sets, padded, sum.data, best.data, idx.data);
+      row_set_stats<T, kArg>(rows, C, r1 - r0, sets, padded, sum, best, idx);
     } else {
-      col_stats<T, false, kArg>(rows + c0, C, r1 - r0, cols, nullptr, sum.data, best.data, idx.data);
+      col_stats<T, false, kArg>(rows + c0, C, r1 - r0, cols, nullptr, sum, best, idx);
     }
     for (int64_t j = 0; j < cols; ++j) {
-      emit(c0 + j, col_stats_result<T, false, kArg>(rows + c0, C, r1 - r0, nullptr, sum.data, best.data, idx.data, j));
+      emit(c0 + j, col_stats_result<T, false, kArg>(rows + c0, C, r1 - r0, nullptr, sum, best, idx, j));
     }
   }
 }
@@ -165,16 +166,17 @@ void spatial_pool_sample(const T* xs, Layout layout, int64_t C, int64_t HW, int6
     divide_into(avg_map + h0, avg_map + h0, h1 - h0, A(C));
     return;
   }
-  Scratch<A, kSeg> sum, best, idx;
+  ScratchSet<A, kSeg, 3> bufs;
+  A *sum = bufs[0], *best = bufs[1], *idx = bufs[2];
   for (int64_t t0 = h0; t0 < h1; t0 += kSeg) {
     const int64_t cols = std::min(kSeg, h1 - t0), padded = divup(cols, L) * L;
-    std::fill(sum.data, sum.data + padded, A(0));
-    std::fill(best.data, best.data + padded, -std::numeric_limits<A>::infinity());
-    std::fill(idx.data, idx.data + padded, c10::bit_cast<A>(bits_t<A>(0)));
-    col_stats<T, true, kArg>(xs + t0, HW, C, cols, gate, sum.data, best.data, idx.data);
-    divide_into(avg_map + t0, sum.data, cols, A(C));
+    std::fill(sum, sum + padded, A(0));
+    std::fill(best, best + padded, -std::numeric_limits<A>::infinity());
+    std::fill(idx, idx + padded, c10::bit_cast<A>(bits_t<A>(0)));
+    col_stats<T, true, kArg>(xs + t0, HW, C, cols, gate, sum, best, idx);
+    divide_into(avg_map + t0, sum, cols, A(C));
     for (int64_t j = 0; j < cols; ++j) {
-      const auto r = col_stats_result<T, true, kArg>(xs + t0, HW, C, gate, sum.data, best.data, idx.data, j);
+      const auto r = col_stats_result<T, true, kArg>(xs + t0, HW, C, gate, sum, best, idx, j);
       max_map[t0 + j] = r.max;
       if constexpr (kArg) {
         arg_map[t0 + j] = r.arg;
@@ -1296,12 +1298,13 @@ Tensor spatial_pool_channel_grad_cpu(const Tensor& x_in, const Tensor& gp_in, co
   }
   Tensor out = at::zeros({N, C}, x_in.options().dtype(p.acc));
   if (out.numel() > 0 && H * W > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.x.scalar_type(), "attnkern_spatial_pool_channel_grad_cpu", [&] {
-      SpatialTerms<acc_t<scalar_t>> st;
-      st.gp = gp.const_data_ptr<acc_t<scalar_t>>();
-      st.sarg = sarg.const_data_ptr<int64_t>();
-      channel_gate_grad_kernel<scalar_t, true, false>(Tensor(), p.x, p.layout, st, out);
-    });
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kBFloat16, at::kHalf, p.x.scalar_type(), "attnkern_spatial_pool_channel_grad_cpu", [&] {
+          SpatialTerms<acc_t<scalar_t>> st;
+          st.gp = gp.const_data_ptr<acc_t<scalar_t>>();
+          st.sarg = sarg.const_data_ptr<int64_t>();
+          channel_gate_grad_kernel<scalar_t, true, false>(Tensor(), p.x, p.layout, st, out);
+        });
   }
   return out;
 }
