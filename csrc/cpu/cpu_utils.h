@@ -373,6 +373,25 @@ struct RowReader {
   }
 };
 
+// Four vector partial sums of a row, totalled as (s0 + s1) + (s2 + s3): row_stats and
+// tracked_row_stats share it, so that a pool's avg does not depend on whether its argmax is wanted.
+template <typename A>
+struct RowSum {
+  Vectorized<A> s0{A(0)}, s1{A(0)}, s2{A(0)}, s3{A(0)};
+  void add(const Vectorized<A>& v0, const Vectorized<A>& v1, const Vectorized<A>& v2, const Vectorized<A>& v3) {
+    s0 = s0 + v0;
+    s1 = s1 + v1;
+    s2 = s2 + v2;
+    s3 = s3 + v3;
+  }
+  void add(const Vectorized<A>& v) {
+    s0 = s0 + v;
+  }
+  A total() const {
+    return hsum((s0 + s1) + (s2 + s3));
+  }
+};
+
 // Rows up to this long find their argmax in the sum-and-max pass (tracked_row_stats), longer ones
 // by a rescan that stops at the first hit (row_stats).
 template <typename A>
@@ -391,8 +410,7 @@ inline RowStats<acc_t<T>> tracked_row_stats(const T* p, const acc_t<T>* s, int64
   constexpr int64_t L = V::size();
   const RowReader<T, kScaled> row{p, s};
   const V neg_inf(-std::numeric_limits<A>::infinity());
-  // The sum in the association row_stats uses, so that both give the same avg.
-  V s0(A(0)), s1(A(0)), s2(A(0)), s3(A(0));
+  RowSum<A> sum;
   // Lanes of vectors 0 and 2 of each step in (m0, at0), of vectors 1 and 3 in (m1, at1); at0 and
   // at1 hold the position of the lane's first element's vector (+ L for at1, added at the end).
   V m0 = neg_inf, m1 = neg_inf, at0(A(0)), at1(A(0));
@@ -405,10 +423,7 @@ inline RowStats<acc_t<T>> tracked_row_stats(const T* p, const acc_t<T>* s, int64
   int64_t j = 0;
   for (; j + 4 * L <= n; j += 4 * L) {
     const V v0 = row.vec(j), v1 = row.vec(j + L), v2 = row.vec(j + 2 * L), v3 = row.vec(j + 3 * L);
-    s0 = s0 + v0;
-    s1 = s1 + v1;
-    s2 = s2 + v2;
-    s3 = s3 + v3;
+    sum.add(v0, v1, v2, v3);
     const V base2 = base + V(A(2 * L));
     track(v0, base, m0, at0);
     track(v1, base, m1, at1);
@@ -418,10 +433,10 @@ inline RowStats<acc_t<T>> tracked_row_stats(const T* p, const acc_t<T>* s, int64
   }
   for (; j + L <= n; j += L) {
     const V v = row.vec(j);
-    s0 = s0 + v;
+    sum.add(v);
     track(v, V(A(j)), m0, at0);
   }
-  RowStats<A> r{hsum((s0 + s1) + (s2 + s3)), hmax(vmax(m0, m1)), 0};
+  RowStats<A> r{sum.total(), hmax(vmax(m0, m1)), 0};
   const V lane = V::arange(A(0), A(1)), mv(r.max), none{A(n)};
   const V pos0 = V::blendv(none, at0 + lane, m0 == mv);
   const V pos1 = V::blendv(none, at1 + lane + V(A(L)), m1 == mv);
@@ -456,15 +471,12 @@ inline RowStats<acc_t<T>> row_stats(const T* p, const acc_t<T>* s, int64_t n) {
   }
   const RowReader<T, kScaled> row{p, s};
   constexpr A kNegInf = -std::numeric_limits<A>::infinity();
-  V s0(A(0)), s1(A(0)), s2(A(0)), s3(A(0));
+  RowSum<A> sum;
   V m0(kNegInf), m1(kNegInf), m2(kNegInf), m3(kNegInf);
   int64_t j = 0;
   for (; j + 4 * L <= n; j += 4 * L) {
     const V v0 = row.vec(j), v1 = row.vec(j + L), v2 = row.vec(j + 2 * L), v3 = row.vec(j + 3 * L);
-    s0 = s0 + v0;
-    s1 = s1 + v1;
-    s2 = s2 + v2;
-    s3 = s3 + v3;
+    sum.add(v0, v1, v2, v3);
     m0 = vmax(m0, v0);
     m1 = vmax(m1, v1);
     m2 = vmax(m2, v2);
@@ -472,10 +484,10 @@ inline RowStats<acc_t<T>> row_stats(const T* p, const acc_t<T>* s, int64_t n) {
   }
   for (; j + L <= n; j += L) {
     const V v = row.vec(j);
-    s0 = s0 + v;
+    sum.add(v);
     m0 = vmax(m0, v);
   }
-  RowStats<A> r{hsum((s0 + s1) + (s2 + s3)), hmax(vmax(vmax(m0, m1), vmax(m2, m3))), 0};
+  RowStats<A> r{sum.total(), hmax(vmax(vmax(m0, m1), vmax(m2, m3))), 0};
   for (int64_t i = j; i < n; ++i) {
     const A v = row.at(i);
     r.sum += v;
