@@ -30,6 +30,9 @@ LARGE_CONFIGS = [
     ("CBAM", (512, 16), {}, (2, 512, 7, 7)),
     ("CBAM", (64, 16), {}, (2, 64, 28, 28)),
     ("CBAM", (130, 16), {}, (1, 130, 13, 17)),
+    # One sample cut into several chunks per pass on the CPU (HW over a 4096-pixel tile, and over
+    # two threads' share): the backward's per-chunk partial sums.
+    ("CBAM", (32, 8), {}, (1, 32, 72, 72)),
 ]
 
 
