@@ -44,12 +44,11 @@ void correlate_padded(const T* padded, int64_t in_channels, const T* taps, T* ou
 // so that the k accumulators stay in registers (with a runtime k they go through memory, and each
 // FMA waits for the last store).
 template <typename T, int64_t kTaps>
-void tap_row_sums(const T* padded_grad, const T* padded, T* acc, int64_t c, int64_t i,
-                  int64_t batch, int64_t cin, int64_t height, int64_t width, int64_t k_runtime,
-                  int64_t padded_height, int64_t padded_width) {
+void tap_row_sums(const T* padded_grad, const T* padded, T* acc, int64_t c, int64_t i, int64_t batch, int64_t cin,
+                  const cpu::PaddedMaps& g) {
   using Vec = at::vec::Vectorized<T>;
-  const int64_t k = kTaps > 0 ? kTaps : k_runtime;
-  const int64_t pad = k / 2;
+  const int64_t k = kTaps > 0 ? kTaps : g.k;
+  const int64_t pad = k / 2, padded_height = g.padded_height, padded_width = g.padded_width;
   constexpr int64_t L = Vec::size();
   Vec sums[kTaps > 0 ? kTaps : 1];
   if constexpr (kTaps > 0) {
@@ -58,16 +57,16 @@ void tap_row_sums(const T* padded_grad, const T* padded, T* acc, int64_t c, int6
     std::fill(acc, acc + k * L, T(0));
   }
   for (int64_t n = 0; n < batch; ++n) {
-    for (int64_t h = 0; h < height; ++h) {
+    for (int64_t h = 0; h < g.height; ++h) {
       const T* g_row = padded_grad + (n * padded_height + h + pad) * padded_width + pad;
       const T* p_row = padded + ((n * cin + c) * padded_height + h + i) * padded_width;
-      for (int64_t w0 = 0; w0 < width; w0 += Vec::size()) {
-        const Vec g = Vec::loadu(g_row + w0);
+      for (int64_t w0 = 0; w0 < g.width; w0 += Vec::size()) {
+        const Vec gv = Vec::loadu(g_row + w0);
         if constexpr (kTaps > 0) {
-          for (int64_t j = 0; j < kTaps; ++j) sums[j] = at::vec::fmadd(g, Vec::loadu(p_row + w0 + j), sums[j]);
+          for (int64_t j = 0; j < kTaps; ++j) sums[j] = at::vec::fmadd(gv, Vec::loadu(p_row + w0 + j), sums[j]);
         } else {
           for (int64_t j = 0; j < k; ++j) {
-            at::vec::fmadd(g, Vec::loadu(p_row + w0 + j), Vec::loadu(acc + j * L)).store(acc + j * L);
+            at::vec::fmadd(gv, Vec::loadu(p_row + w0 + j), Vec::loadu(acc + j * L)).store(acc + j * L);
           }
         }
       }
@@ -83,17 +82,17 @@ void tap_row_sums(const T* padded_grad, const T* padded, T* acc, int64_t c, int6
 // vectorised over w with one accumulator per j, in a fixed order: the result does not depend on
 // the thread count.
 template <typename T>
-void conv_weight_grad(const T* padded_grad, const T* padded, T* gw, int64_t batch, int64_t cin, int64_t height,
-                      int64_t width, int64_t k, int64_t padded_height, int64_t padded_width) {
+void conv_weight_grad(const T* padded_grad, const T* padded, T* gw, int64_t batch, int64_t cin,
+                      const cpu::PaddedMaps& g) {
   using Vec = at::vec::Vectorized<T>;
   constexpr int64_t L = Vec::size();
+  const int64_t k = g.k;
   at::parallel_for(0, cin * k, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> acc(k * L);
     for (int64_t ci = begin; ci < end; ++ci) {
       const int64_t c = ci / k, i = ci % k;
       const auto run = [&](auto taps) {
-        tap_row_sums<T, decltype(taps)::value>(padded_grad, padded, acc.data(), c, i, batch, cin, height, width, k,
-                                              padded_height, padded_width);
+        tap_row_sums<T, decltype(taps)::value>(padded_grad, padded, acc.data(), c, i, batch, cin, g);
       };
       switch (k) {
         case 3: run(std::integral_constant<int64_t, 3>()); break;
@@ -175,8 +174,7 @@ std::tuple<at::Tensor, at::Tensor> spatial_conv_backward_cpu(const at::Tensor& g
     correlate_padded<scalar_t>(padded_grad.const_data_ptr<scalar_t>(), 1, flipped.const_data_ptr<scalar_t>(),
                                grad_pooled.mutable_data_ptr<scalar_t>(), cin, n, geometry);
     conv_weight_grad<scalar_t>(padded_grad.const_data_ptr<scalar_t>(), padded_pooled.const_data_ptr<scalar_t>(),
-                               grad_weight.mutable_data_ptr<scalar_t>(), n, cin, h, w, k, padded_pooled.size(2),
-                               padded_pooled.size(3));
+                               grad_weight.mutable_data_ptr<scalar_t>(), n, cin, geometry);
   });
   return {grad_pooled, grad_weight};
 }
