@@ -595,8 +595,11 @@ void spatial_gate_grad_kernel(const at::Tensor& grad, const at::Tensor& x, Layou
         g[k] = V(cg[n * C + c + k]);
         acc[k] = V(A(0));
       }
+      const NextRows<T> next_grad(gb + c * HW, HW, len, C - c), next_x(xb + c * HW, HW, len, C - c);
       for (int64_t j = 0; j < len; j += L) {
         const int64_t cnt = std::min(L, len - j);
+        next_grad.at(j);
+        next_x.at(j);
         for (int64_t k = 0; k < K; ++k) {
           v[k] = load_n(gb + (c + k) * HW + j, cnt) * load_n(xb + (c + k) * HW + j, cnt);
         }

@@ -517,6 +517,34 @@ inline RowStats<acc_t<T>> row_stats(const T* p, const acc_t<T>* s, int64_t n) {
   return r;  // n == 0
 }
 
+// Software prefetch for the loops that walk the rows (planes) of a block four at a time across
+// their columns (col_stats, spatial_gate_grad's NCHW walk). From memory, four interleaved short
+// streams (rows of up to kShortRowBytes) kept the hardware prefetchers from running ahead: the
+// NCHW spatial pool of 8x1024x14x14 took 3.4x an amax of x, 1.4x with this. Where the rows are
+// contiguous and short, at column step j (4 * L elements read) it asks in storage order for two
+// lines of the four rows after the current ones.
+constexpr int64_t kShortRowBytes = 2048;
+
+template <typename T>
+class NextRows {
+ public:
+  // rows: the first of the four current rows; rows_left: the rows from there to the block's end.
+  NextRows(const T* rows, int64_t stride, int64_t cols, int64_t rows_left)
+      : next_(stride == cols && cols * int64_t(sizeof(T)) <= kShortRowBytes && rows_left >= 8
+                  ? reinterpret_cast<const char*>(rows + 4 * stride)
+                  : nullptr) {}
+  void at(int64_t j) const {
+    if (next_ != nullptr) {
+      const char* p = next_ + 4 * j * int64_t(sizeof(T));
+      __builtin_prefetch(p, 0, 3);
+      __builtin_prefetch(p + 64, 0, 3);
+    }
+  }
+
+ private:
+  const char* next_;
+};
+
 // Column statistics of a strided block: for rows k in [0, rows) and columns j in [0, cols),
 // v = base[k * stride + j] (kScaled: times rs[k]); accumulates sum[j], max[j] and the row of the
 // first maximum (as bits, see bits_vec) into the buffers, which hold round_up(cols, L) entries.
@@ -549,12 +577,14 @@ inline void col_stats(const T* base, int64_t stride, int64_t rows, int64_t cols,
     const T* r1 = r0 + stride;
     const T* r2 = r1 + stride;
     const T* r3 = r2 + stride;
+    const NextRows<T> next(r0, stride, cols, rows - k);
     const A c0 = kScaled ? rs[k] : A(1), c1 = kScaled ? rs[k + 1] : A(1);
     const A c2 = kScaled ? rs[k + 2] : A(1), c3 = kScaled ? rs[k + 3] : A(1);
     const V k0 = bits_vec<A>(bits_t<A>(k)), k1 = bits_vec<A>(bits_t<A>(k + 1));
     const V k2 = bits_vec<A>(bits_t<A>(k + 2)), k3 = bits_vec<A>(bits_t<A>(k + 3));
     for (int64_t j = 0; j < cols; j += L) {
       const int64_t cnt = std::min(L, cols - j);
+      next.at(j);
       const V v0 = load(r0, j, cnt, c0), v1 = load(r1, j, cnt, c1);
       const V v2 = load(r2, j, cnt, c2), v3 = load(r3, j, cnt, c3);
       (V::loadu(sum + j) + ((v0 + v1) + (v2 + v3))).store(sum + j);
