@@ -342,7 +342,6 @@ def test_inference_per_sample(backend, device, name, args, kwargs, fmt, dtype):
     ref, fused = make_modules(name, args, kwargs, backend, device)
     ref, fused = ref.eval().to(device), fused.eval().to(dtype=torch.float32 if dtype == torch.bfloat16 else dtype)
     for n in (max(2, torch.get_num_threads()), 1):
-        # 17 x 19 maps: a sample is then over 4x the MLP's weights even in bf16 (the per-sample rule).
         x = torch.randn(n, args[0], 17, 19, dtype=torch.float64).to(device=device, dtype=dtype, memory_format=fmt)
         x[0, 3, 4, 5] = float("nan")
         with torch.no_grad():
