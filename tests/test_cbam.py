@@ -356,11 +356,12 @@ def test_inference_per_sample(backend, device, name, args, kwargs, fmt, dtype):
 
 @pytest.mark.parametrize("backend,device", WHOLE_OP_PAIRS)
 @pytest.mark.parametrize("kwargs", [{}, {"spatial_norm": False, "kernel_size": 3}])
-@pytest.mark.parametrize("shape", [(2, 16, 1, 17), (3, 16, 13, 1), (2, 24, 9, 40)])
+@pytest.mark.parametrize("shape", [(2, 16, 1, 17), (3, 16, 13, 1), (2, 24, 9, 40), (2, 16, 3, 3), (3, 16, 1, 1)])
 def test_per_sample_odd_maps(backend, device, kwargs, shape):
-    """Maps one pixel high or wide, an odd height and a width over one conv register block, with
-    a small MLP (reduction 16: hidden width 1), so the CPU takes the per-sample forward: eval, and
-    training (per-sample conv; without BN the whole gate) against the float64 reference."""
+    """Maps one pixel high or wide, an odd height, a width over one conv register block and maps of
+    fewer pixels than a vector, with a small MLP (reduction 16: hidden width 1), so the CPU takes the
+    per-sample forward: eval, and training (per-sample conv; without BN the whole gate) against the
+    float64 reference."""
     ref, fused = make_modules("CBAM", (shape[1], 16), kwargs, backend, device)
     x = torch.randn(shape, dtype=torch.float64)
     for fmt in FORMATS:

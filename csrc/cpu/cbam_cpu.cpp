@@ -228,6 +228,19 @@ inline void gate_plane(const T* x, T* y, int64_t j0, int64_t j1, acc_t<T> g, con
   }
 }
 
+// y = x * g[c] * s over one whole NCHW sample (s: its spatial gate map with L - 1 readable entries
+// past HW, or null: none). Planes of at least L pixels go in order and each one's last vector is
+// stored whole, running into the next plane (never further), whose own stores then overwrite it:
+// only the sample's last plane ends in a partial store (at::vec's copy through a stack buffer).
+template <typename T>
+void gate_sample_planes(const T* xs, T* ys, int64_t C, int64_t HW, const acc_t<T>* g, const acc_t<T>* s) {
+  constexpr int64_t L = Vectorized<acc_t<T>>::size();
+  const int64_t whole = HW >= L ? divup(HW, L) * L : HW;
+  for (int64_t c = 0; c < C; ++c) {
+    gate_plane(xs + c * HW, ys + c * HW, 0, c + 1 < C ? whole : HW, g[c], s);
+  }
+}
+
 // y = x * g[c] * s over one NHWC pixel row of C channels: g the sample's channel gate, s the
 // pixel's spatial gate (null: none).
 template <typename T>
@@ -335,6 +348,8 @@ void channel_gate_per_sample_kernel(const at::Tensor& x, Layout layout, const Ml
                                     const SpatialGateArgs<acc_t<T>>* sgate, bool use_avg, bool use_max,
                                     const PerSampleGate& out) {
   using A = acc_t<T>;
+  using V = Vectorized<A>;
+  constexpr int64_t L = V::size();
   const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3), Ch = mlp.hidden;
   const T* xp = x.const_data_ptr<T>();
   T* yp = out.y.defined() ? out.y.data_ptr<T>() : nullptr;
@@ -347,6 +362,7 @@ void channel_gate_per_sample_kernel(const at::Tensor& x, Layout layout, const Ml
   int64_t* sarg_p = kArg && pooled_p ? out.spatial_argmax.data_ptr<int64_t>() : nullptr;
   at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
     std::vector<A> avg(C), mx(C), hidden(Ch), padded(sgate ? 2 * sgate->geometry.plane() : 0, A(0));
+    std::vector<A> gate_map(sgate_p != nullptr ? HW + Vectorized<A>::size() : 0, A(0));  // for gate_sample_planes
     std::vector<int64_t> arg(kArg ? C : 0);
     auto keep = [&](int64_t c, const RowStats<A>& r) {
       avg[c] = r.sum / A(HW);
@@ -380,13 +396,15 @@ void channel_gate_per_sample_kernel(const at::Tensor& x, Layout layout, const Ml
           hidden[h] += mlp_hidden_unit(mlp, pool->data(), C, h);
         }
       }
+      // L channels at a time: their fc2 rows are one contiguous stretch of weights.
       A* g = gate_p + n * C;
-      for (int64_t c = 0; c < C; ++c) {
-        const A* w = mlp.fc2_weight + c * Ch;
-        const A z = row_sum<A>(Ch, [&](int64_t j, int64_t cnt) {
-          return load_acc_n(w + j, cnt) * load_acc_n(hidden.data() + j, cnt);
-        });
-        g[c] = A(1) / (A(1) + std::exp(-(z + (mlp.fc2_bias ? A(p) * mlp.fc2_bias[c] : A(0)))));
+      for (int64_t c0 = 0; c0 < C; c0 += L) {
+        const int64_t rows = std::min(L, C - c0);
+        V z = row_dots(mlp.fc2_weight + c0 * Ch, Ch, rows, hidden.data(), Ch);
+        if (mlp.fc2_bias != nullptr) {
+          z = z + load_acc_n(mlp.fc2_bias + c0, rows) * V(A(p));
+        }
+        vstore(g + c0, V(A(1)) / (V(A(1)) + (V(A(0)) - z).exp()), rows);
       }
       const A* s = nullptr;  // the sample's spatial gate
       if (sgate != nullptr) {  // CBAM's spatial pool of x * gate, and what follows
@@ -402,9 +420,10 @@ void channel_gate_per_sample_kernel(const at::Tensor& x, Layout layout, const Ml
       }
       T* ys = yp + n * C * HW;
       if (layout == Layout::NCHW) {
-        for (int64_t c = 0; c < C; ++c) {
-          gate_plane(xs + c * HW, ys + c * HW, 0, HW, g[c], s);
+        if (s != nullptr) {
+          std::copy(s, s + HW, gate_map.begin());
         }
+        gate_sample_planes(xs, ys, C, HW, g, s != nullptr ? gate_map.data() : nullptr);
       } else {
         for (int64_t r = 0; r < HW; ++r) {
           gate_row(xs + r * C, ys + r * C, C, g, s ? s + r : nullptr);

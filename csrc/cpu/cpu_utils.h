@@ -291,6 +291,31 @@ inline A hsum(const Vectorized<A>& v) {
   return at::vec::vec_reduce_all<A>([](const Vectorized<A>& a, const Vectorized<A>& b) { return a + b; }, v);
 }
 
+// Lane k of the result = the sum of the lanes of v[k]: L horizontal sums in one step.
+template <typename A>
+inline Vectorized<A> lane_sums(const Vectorized<A> (&v)[Vectorized<A>::size()]) {
+  constexpr int64_t L = Vectorized<A>::size();
+  A sums[L];
+  for (int64_t k = 0; k < L; ++k) {
+    sums[k] = hsum(v[k]);
+  }
+  return Vectorized<A>::loadu(sums);
+}
+#if ATTNKERN_X86_DISPATCH
+template <>
+inline Vectorized<float> lane_sums<float>(const Vectorized<float> (&v)[8]) {
+  // Pairwise adds leave, per 128-bit half, the half-sums of v[0..3] and of v[4..7].
+  const __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+  const __m256 b = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+}
+template <>
+inline Vectorized<double> lane_sums<double>(const Vectorized<double> (&v)[4]) {
+  const __m256d a = _mm256_hadd_pd(v[0], v[1]), b = _mm256_hadd_pd(v[2], v[3]);
+  return _mm256_add_pd(_mm256_permute2f128_pd(a, b, 0x20), _mm256_permute2f128_pd(a, b, 0x31));
+}
+#endif
+
 // Runs f(row, j0, j1) over the [j0, j1) pieces of `rows` rows of length `len`, the rows * len
 // elements split evenly over the threads (elementwise kernels).
 template <typename F>
@@ -721,6 +746,36 @@ inline Vectorized<acc_t<T>> load_n(const T* p, int64_t cnt) {
 template <typename A>
 inline Vectorized<A> load_acc_n(const A* p, int64_t cnt) {
   return cnt == Vectorized<A>::size() ? Vectorized<A>::loadu(p) : Vectorized<A>::loadu(p, cnt);
+}
+
+// Lane k = the dot product of row k of w (rows of `len`, `stride` apart) with x, for `rows` <= L
+// rows (lanes past them zero). A full block runs L independent chains and ends in one lane_sums
+// instead of a horizontal sum per row.
+template <typename A>
+inline Vectorized<A> row_dots(const A* w, int64_t stride, int64_t rows, const A* x, int64_t len) {
+  using V = Vectorized<A>;
+  constexpr int64_t L = V::size();
+  V acc[L];
+  for (auto& a : acc) {
+    a = V(A(0));
+  }
+  if (rows == L) {
+    for (int64_t j = 0; j < len; j += L) {
+      const int64_t cnt = std::min(L, len - j);
+      const V xv = load_acc_n(x + j, cnt);
+      for (int64_t k = 0; k < L; ++k) {
+        acc[k] = at::vec::fmadd(load_acc_n(w + k * stride + j, cnt), xv, acc[k]);
+      }
+    }
+  } else {
+    for (int64_t k = 0; k < rows; ++k) {
+      for (int64_t j = 0; j < len; j += L) {
+        const int64_t cnt = std::min(L, len - j);
+        acc[k] = at::vec::fmadd(load_acc_n(w + k * stride + j, cnt), load_acc_n(x + j, cnt), acc[k]);
+      }
+    }
+  }
+  return lane_sums(acc);
 }
 
 // y[j] = f(j, cnt) for j in [j0, j1).
