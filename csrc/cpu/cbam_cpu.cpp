@@ -362,7 +362,8 @@ void channel_gate_per_sample_kernel(const at::Tensor& x, Layout layout, const Ml
   int64_t* sarg_p = kArg && pooled_p ? out.spatial_argmax.data_ptr<int64_t>() : nullptr;
   at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
     std::vector<A> avg(C), mx(C), hidden(Ch), padded(sgate ? 2 * sgate->geometry.plane() : 0, A(0));
-    std::vector<A> gate_map(sgate_p != nullptr ? HW + Vectorized<A>::size() : 0, A(0));  // for gate_sample_planes
+    // NCHW: the spatial gate with L readable entries past HW, for gate_sample_planes.
+    std::vector<A> gate_map(sgate_p != nullptr && layout == Layout::NCHW ? HW + L : 0, A(0));
     std::vector<int64_t> arg(kArg ? C : 0);
     auto keep = [&](int64_t c, const RowStats<A>& r) {
       avg[c] = r.sum / A(HW);
