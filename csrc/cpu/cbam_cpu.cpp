@@ -155,7 +155,13 @@ void spatial_pool_sample(const T* xs, Layout layout, int64_t C, int64_t HW, int6
   using A = acc_t<T>;
   constexpr int64_t L = Vectorized<A>::size();
   if (layout == Layout::NHWC) {
-    for (int64_t r = h0; r < h1; ++r) {
+    int64_t r = h0;
+    if (!kArg && C % L == 0) {
+      for (; r + L <= h1; r += L) {
+        row_block_stats(xs + r * C, C, gate, avg_map + r, max_map + r);
+      }
+    }
+    for (; r < h1; ++r) {
       const auto st = row_stats<T, true, kArg>(xs + r * C, gate, C);
       avg_map[r] = st.sum;
       max_map[r] = st.max;

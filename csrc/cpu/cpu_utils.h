@@ -348,6 +348,33 @@ inline A hmax(const Vectorized<A>& v) {
   return at::vec::vec_reduce_all<A>([](const Vectorized<A>& a, const Vectorized<A>& b) { return vmax(a, b); }, v);
 }
 
+// Lane k of the result = the max of the lanes of v[k] (NaN: as vmax), as lane_sums does sums.
+template <typename A>
+inline Vectorized<A> lane_maxes(const Vectorized<A> (&v)[Vectorized<A>::size()]) {
+  constexpr int64_t L = Vectorized<A>::size();
+  A maxes[L];
+  for (int64_t k = 0; k < L; ++k) {
+    maxes[k] = hmax(v[k]);
+  }
+  return Vectorized<A>::loadu(maxes);
+}
+#if ATTNKERN_X86_DISPATCH
+template <>
+inline Vectorized<float> lane_maxes<float>(const Vectorized<float> (&v)[8]) {
+  // Interleave pairs, then quads, reducing at each step; the halves hold lanes 0-3 and 4-7.
+  auto pairs = [](const Vectorized<float>& a, const Vectorized<float>& b) {
+    return vmax(Vectorized<float>(_mm256_unpacklo_ps(a, b)), Vectorized<float>(_mm256_unpackhi_ps(a, b)));
+  };
+  auto quads = [](const Vectorized<float>& a, const Vectorized<float>& b) {
+    return vmax(Vectorized<float>(_mm256_shuffle_ps(a, b, 0x44)), Vectorized<float>(_mm256_shuffle_ps(a, b, 0xEE)));
+  };
+  const Vectorized<float> lo = quads(pairs(v[0], v[1]), pairs(v[2], v[3]));
+  const Vectorized<float> hi = quads(pairs(v[4], v[5]), pairs(v[6], v[7]));
+  return vmax(Vectorized<float>(_mm256_permute2f128_ps(lo, hi, 0x20)),
+              Vectorized<float>(_mm256_permute2f128_ps(lo, hi, 0x31)));
+}
+#endif
+
 // Bit i set where lane i of the comparison mask m is set.
 template <typename A>
 inline int lanes_set(const Vectorized<A>& m) {
@@ -540,6 +567,47 @@ inline RowStats<acc_t<T>> row_stats(const T* p, const acc_t<T>* s, int64_t n) {
     }
   }
   return r;  // n == 0
+}
+
+// Sums and maxima of x * s over each of L consecutive rows of C elements (C a multiple of L) into
+// sum[0, L) and mx[0, L): each row in vectors, then one lane_sums and one lane_maxes for the L
+// rows instead of two horizontal reductions per row (most of the NHWC spatial pool at C = 64).
+// A row whose sum is NaN is redone by row_stats, which gives its max as NaN.
+template <typename T>
+inline void row_block_stats(const T* p, int64_t C, const acc_t<T>* s, acc_t<T>* sum, acc_t<T>* mx) {
+  using A = acc_t<T>;
+  using V = Vectorized<A>;
+  constexpr int64_t L = V::size();
+  const V neg_inf(-std::numeric_limits<A>::infinity());
+  V sums[L], maxes[L];
+  for (int64_t k = 0; k < L; ++k) {
+    const RowReader<T, true> row{p + k * C, s};
+    V s0(A(0)), s1(A(0)), m0 = neg_inf, m1 = neg_inf;
+    int64_t j = 0;
+    for (; j + 2 * L <= C; j += 2 * L) {
+      const V v0 = row.vec(j), v1 = row.vec(j + L);
+      s0 = s0 + v0;
+      s1 = s1 + v1;
+      m0 = vmax(m0, v0);
+      m1 = vmax(m1, v1);
+    }
+    if (j < C) {
+      const V v = row.vec(j);
+      s0 = s0 + v;
+      m0 = vmax(m0, v);
+    }
+    sums[k] = s0 + s1;
+    maxes[k] = vmax(m0, m1);
+  }
+  lane_sums(sums).store(sum);
+  lane_maxes(maxes).store(mx);
+  for (int64_t k = 0; k < L; ++k) {
+    if (std::isnan(sum[k])) {
+      const RowStats<A> r = row_stats<T, true, false>(p + k * C, s, C);
+      sum[k] = r.sum;
+      mx[k] = r.max;
+    }
+  }
 }
 
 // Software prefetch for the loops that walk the rows (planes) of a block four at a time across
