@@ -291,15 +291,21 @@ inline A hsum(const Vectorized<A>& v) {
   return at::vec::vec_reduce_all<A>([](const Vectorized<A>& a, const Vectorized<A>& b) { return a + b; }, v);
 }
 
+// Lane k of the result = reduce(v[k]): the generic form of lane_sums and lane_maxes.
+template <typename A, typename Reduce>
+inline Vectorized<A> reduce_each(const Vectorized<A> (&v)[Vectorized<A>::size()], const Reduce& reduce) {
+  constexpr int64_t L = Vectorized<A>::size();
+  A out[L];
+  for (int64_t k = 0; k < L; ++k) {
+    out[k] = reduce(v[k]);
+  }
+  return Vectorized<A>::loadu(out);
+}
+
 // Lane k of the result = the sum of the lanes of v[k]: L horizontal sums in one step.
 template <typename A>
 inline Vectorized<A> lane_sums(const Vectorized<A> (&v)[Vectorized<A>::size()]) {
-  constexpr int64_t L = Vectorized<A>::size();
-  A sums[L];
-  for (int64_t k = 0; k < L; ++k) {
-    sums[k] = hsum(v[k]);
-  }
-  return Vectorized<A>::loadu(sums);
+  return reduce_each(v, [](const Vectorized<A>& x) { return hsum(x); });
 }
 #if ATTNKERN_X86_DISPATCH
 template <>
@@ -351,12 +357,7 @@ inline A hmax(const Vectorized<A>& v) {
 // Lane k of the result = the max of the lanes of v[k] (NaN: as vmax), as lane_sums does sums.
 template <typename A>
 inline Vectorized<A> lane_maxes(const Vectorized<A> (&v)[Vectorized<A>::size()]) {
-  constexpr int64_t L = Vectorized<A>::size();
-  A maxes[L];
-  for (int64_t k = 0; k < L; ++k) {
-    maxes[k] = hmax(v[k]);
-  }
-  return Vectorized<A>::loadu(maxes);
+  return reduce_each(v, [](const Vectorized<A>& x) { return hmax(x); });
 }
 #if ATTNKERN_X86_DISPATCH
 template <>
