@@ -20,12 +20,13 @@ from torch.utils import cpp_extension
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUDA_DIR = os.path.join(ROOT, "csrc", "cuda")
 SOURCES = sorted(os.path.basename(p) for p in glob.glob(os.path.join(CUDA_DIR, "*.cu")))
-ARCHES = ["80", "90"]  # A100 (sm_80), H100 / H200 (sm_90)
+# (arch, C++ standard): A100 (sm_80) and H100 / H200 (sm_90). setup.py leaves the standard to the
+# installed torch's BuildExtension: C++17 up to torch 2.11 (the GPU image), C++20 since (this
+# machine's 2.13), so the sources must compile under both.
+TARGETS = [("80", "c++17"), ("90", "c++17"), ("90", "c++20")]
 TIMEOUT_S = 900
 
-# setup.py's nvcc flags. setup.py leaves the C++ standard to the installed torch's BuildExtension
-# (C++17 up to torch 2.11, C++20 since); this check uses the older one, which both must compile under.
-SETUP_NVCC_FLAGS = ["-O3", "--use_fast_math", "-lineinfo", "-std=c++17"]
+SETUP_NVCC_FLAGS = ["-O3", "--use_fast_math", "-lineinfo"]  # setup.py's nvcc flags, but the standard
 
 
 def find_nvcc():
@@ -52,16 +53,17 @@ def needs_macros_stub():
     return not any(os.path.isfile(os.path.join(d, CMAKE_MACROS)) for d in torch_include_dirs())
 
 
-def nvcc_command(source, arch, stub_dir, out_dir):
+def nvcc_command(source, target, stub_dir, out_dir):
+    arch, std = target
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    obj = os.path.join(out_dir, f"{os.path.splitext(source)[0]}.sm_{arch}.o")
+    obj = os.path.join(out_dir, f"{os.path.splitext(source)[0]}.sm_{arch}.{std}.o")
     includes = ([stub_dir] if stub_dir else []) + torch_include_dirs() + [os.path.join(ROOT, "csrc")]
     cmd = [NVCC, "-c", os.path.join(CUDA_DIR, source), "-o", obj]
     for inc in includes:
         cmd += ["-I", inc]
     cmd += list(cpp_extension.COMMON_NVCC_FLAGS)  # -D__CUDA_NO_HALF_OPERATORS__ etc., --expt-relaxed-constexpr
     cmd += ["--compiler-options", "-fPIC"]
-    cmd += SETUP_NVCC_FLAGS
+    cmd += SETUP_NVCC_FLAGS + [f"-std={std}"]
     cmd += [
         "-DTORCH_API_INCLUDE_EXTENSION_H",
         "-DTORCH_EXTENSION_NAME=_C",
@@ -81,20 +83,20 @@ def run_nvcc(cmd):
 
 
 def _selected(session):
-    """(source, arch) of the test_compiles items this session will run."""
+    """(source, target) of the test_compiles items this session will run."""
     wanted = []
     for item in session.items:
         callspec = getattr(item, "callspec", None)
         if getattr(item, "originalname", None) != "test_compiles" or callspec is None:
             continue
         if os.path.abspath(str(item.path)) == os.path.abspath(__file__):
-            wanted.append((callspec.params["source"], callspec.params["arch"]))
+            wanted.append((callspec.params["source"], callspec.params["target"]))
     return wanted
 
 
 @pytest.fixture(scope="module")
 def compiles(request, tmp_path_factory):
-    """Starts the selected compiles concurrently; maps (source, arch) -> (command, future)."""
+    """Starts the selected compiles concurrently; maps (source, target) -> (command, future)."""
     if NVCC is None:
         pytest.skip("nvcc not found (neither on PATH nor under CUDA_HOME): cannot compile csrc/cuda/*.cu")
     work = tmp_path_factory.mktemp("nvcc")
@@ -106,12 +108,12 @@ def compiles(request, tmp_path_factory):
             f.write(CMAKE_MACROS_STUB)
     out_dir = str(work / "obj")
     os.makedirs(out_dir, exist_ok=True)
-    wanted = _selected(request.session) or [(s, a) for s in SOURCES for a in ARCHES]
+    wanted = _selected(request.session) or [(s, t) for s in SOURCES for t in TARGETS]
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(len(wanted), os.cpu_count() or 1)))
     jobs = {}
-    for source, arch in wanted:
-        cmd, obj = nvcc_command(source, arch, stub_dir, out_dir)
-        jobs[(source, arch)] = (cmd, obj, pool.submit(run_nvcc, cmd))
+    for source, target in wanted:
+        cmd, obj = nvcc_command(source, target, stub_dir, out_dir)
+        jobs[(source, target)] = (cmd, obj, pool.submit(run_nvcc, cmd))
     yield jobs
     pool.shutdown(wait=True, cancel_futures=True)
 
@@ -127,19 +129,20 @@ def test_sources_exist():
     assert SOURCES, f"no CUDA sources in {CUDA_DIR}"
 
 
-@pytest.mark.parametrize("arch", ARCHES, ids=[f"sm_{a}" for a in ARCHES])
+@pytest.mark.parametrize("target", TARGETS, ids=[f"sm_{a}-{std}" for a, std in TARGETS])
 @pytest.mark.parametrize("source", SOURCES)
-def test_compiles(compiles, source, arch):
-    key = (source, arch)
+def test_compiles(compiles, source, target):
+    key = (source, target)
+    name = f"{source} sm_{target[0]} {target[1]}"
     if key not in compiles:  # not among the items collected for this session (should not happen)
-        pytest.fail(f"compile of {source} for sm_{arch} was not scheduled")
+        pytest.fail(f"compile of {name} was not scheduled")
     cmd, obj, future = compiles[key]
     rc, output = future.result()
     tail = "\n".join(output.splitlines()[-80:])
-    assert rc == 0, f"nvcc failed (rc={rc}) for {source} sm_{arch}\n$ {' '.join(cmd)}\n{tail}"
-    assert os.path.isfile(obj) and os.path.getsize(obj) > 0, f"nvcc produced no object for {source} sm_{arch}"
+    assert rc == 0, f"nvcc failed (rc={rc}) for {name}\n$ {' '.join(cmd)}\n{tail}"
+    assert os.path.isfile(obj) and os.path.getsize(obj) > 0, f"nvcc produced no object for {name}"
     warnings = own_warnings(output, source)
-    assert not warnings, f"warnings in our sources ({source}, sm_{arch}):\n" + "\n".join(warnings[:40])
+    assert not warnings, f"warnings in our sources ({name}):\n" + "\n".join(warnings[:40])
 
 
 if __name__ == "__main__":
