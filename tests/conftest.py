@@ -28,11 +28,9 @@ def backend_device_pairs(include_torch=True):
 
 
 def kernel_dtypes(backend, device):
-    """Interpreted Triton has no bf16 math, and float16 on the CPU is not a supported input."""
+    """Every dtype the kernels take; interpreted Triton has no bf16 / fp16 math."""
     if backend == "triton" and device == "cpu":
         return [torch.float32, torch.float64]
-    if device == "cpu":
-        return [torch.float32, torch.float64, torch.bfloat16]
     return [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
 
