@@ -105,7 +105,7 @@ class BamFused : public torch::autograd::Function<BamFused> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     TORCH_CHECK(!at::GradMode::is_enabled(),
                 "attnkern::bam_fused_forward: double backward (create_graph=True) is not supported; "
-                "use backend='torch' reference modules (attnkern.reference) for higher-order gradients");
+                "use the reference modules in attnkern.reference for higher-order gradients");
     const size_t num_layers = ctx->saved_data["num_layers"].toInt();
     const size_t num_bn = ctx->saved_data["num_bn"].toInt();
     // One slot per tensor input (lists count each tensor), then eps, training, dilation, product.

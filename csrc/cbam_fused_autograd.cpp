@@ -97,7 +97,7 @@ class CbamFused : public torch::autograd::Function<CbamFused> {
     // silently drop CBAM's second-order terms (as the Python op's autograd refuses it too).
     TORCH_CHECK(!at::GradMode::is_enabled(),
                 "attnkern::cbam_fused_forward: double backward (create_graph=True) is not supported; "
-                "use backend='torch' reference modules (attnkern.reference) for higher-order gradients");
+                "use the reference modules in attnkern.reference for higher-order gradients");
     const auto saved = ctx->get_saved_variables();
     const Tensor& x = saved[0];
     std::array<OptTensor, 10> params;  // fc1 w/b, fc2 w/b, conv w/b, bn w/b, running mean/var

@@ -44,6 +44,11 @@ def fused_bam(x, module, backend):
     counts = [n] + [n * h * w] * (len(bns) - 1)  # values per channel: BatchNorm1d on (N, Ch), then BatchNorm2d
     for bn, count in zip(bns, counts):
         check_bn_batch(bn, count, type(module).__name__)
+    if x.numel() == 0:
+        # Nothing to compute, and ATen's BN kernels refuse an empty batch (its backward crashes).
+        for bn in bns:
+            update_running_stats(bn, None, None, 0)
+        return x.clone()
     outputs = bam_op(*bam_op_inputs(module, x), backend=backend)
     for bn, count, mean, var in zip(bns, counts, outputs[5], outputs[6]):
         update_running_stats(bn, mean, var, count)

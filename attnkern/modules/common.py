@@ -40,11 +40,13 @@ def check_bn_batch(bn, count, module):
 def update_running_stats(bn, batch_mean, batch_var, count):
     """Folds biased batch statistics over `count` values into bn's running buffers, exactly as
     nn.BatchNorm does in training (momentum, or a cumulative average when momentum is None;
-    unbiased variance). Does nothing for an empty batch, like nn.BatchNorm."""
-    if not (bn.training and bn.track_running_stats) or count == 0:
+    unbiased variance). An empty batch counts as a batch but leaves the statistics, like nn.BatchNorm."""
+    if not (bn.training and bn.track_running_stats):
         return
     with torch.no_grad():
         bn.num_batches_tracked.add_(1)
+        if count == 0:
+            return
         momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
         unbiased_var = batch_var * (count / (count - 1))
         bn.running_mean.mul_(1 - momentum).add_(batch_mean.to(bn.running_mean.dtype), alpha=momentum)

@@ -47,7 +47,7 @@ from torch import Tensor
 from attnkern import _extension
 from attnkern.backends import get_kernels, has_whole_op
 from attnkern.backends.torch_kernels import acc_dtype
-from attnkern.ops.common import dense, like_x, without_autocast
+from attnkern.ops.common import dense, like_x, refuse_double_backward, without_autocast
 
 CHANNEL_LAYERS = 2  # fc1, fc2 lead `weights` and `biases`; the spatial convs follow
 
@@ -80,8 +80,8 @@ def _pointwise(a, weight):
     n, ci, h, w = a.shape
     matrix = weight.reshape(weight.shape[0], ci)
     if a.is_contiguous() and h * w > 1:
-        return torch.bmm(matrix.expand(n, -1, -1), a.view(n, ci, h * w)).view(n, -1, h, w)
-    return (_pixel_rows(a) @ matrix.t()).view(n, h, w, -1).permute(0, 3, 1, 2)
+        return torch.bmm(matrix.expand(n, -1, -1), a.view(n, ci, h * w)).view(n, matrix.shape[0], h, w)
+    return (_pixel_rows(a) @ matrix.t()).view(n, h, w, matrix.shape[0]).permute(0, 3, 1, 2)
 
 
 def _pointwise_backward(grad, a, weight):
@@ -390,6 +390,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad, *_unused):
+    refuse_double_backward("attnkern::bam")
     x, avg, channel_att, spatial_att, *rest = ctx.saved_tensors
     groups = []
     for size in ctx.sizes:

@@ -28,7 +28,7 @@ from attnkern import _extension
 from attnkern.backends import get_kernels, has_whole_op
 from attnkern.backends.torch_kernels import acc_dtype
 from attnkern.ops import gate_math
-from attnkern.ops.common import dense, like_x, without_autocast
+from attnkern.ops.common import dense, like_x, refuse_double_backward, without_autocast
 
 
 @torch.library.custom_op("attnkern::cbam", mutates_args=())
@@ -211,6 +211,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad, *_unused):
+    refuse_double_backward("attnkern::cbam")
     saved = ctx.saved_tensors
     bn_eps, bn_training, use_avg, use_max, backend = ctx.config
     x, params, running, internals = saved[0], saved[1:9], saved[9:11], saved[11:]

@@ -28,3 +28,13 @@ def without_autocast(op_impl):
             return op_impl(first, *args)
 
     return wrapper
+
+
+def refuse_double_backward(op_name):
+    """The backward ops have no derivative of their own: create_graph=True must fail with an error
+    that says what to do, not drop the second-order terms (or fail on a missing formula)."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"{op_name}: double backward (create_graph=True) is not supported; use the reference modules "
+            "in attnkern.reference for higher-order gradients"
+        )
