@@ -19,7 +19,7 @@ import attnkern
 from attnkern import reference
 
 __all__ = [
-    "MODULES", "MODES", "FORMATS", "DTYPES", "IMPL_BASELINES", "CPU_SHAPES", "GPU_SHAPES", "QUICK_SHAPES",
+    "MODULES", "MODES", "FORMATS", "DTYPES", "CPU_SHAPES", "GPU_SHAPES", "QUICK_SHAPES",
     "min_passes", "make_reference", "fused_class", "Impl", "build_impls", "parse_shape", "shape_str",
 ]
 
@@ -27,7 +27,6 @@ MODULES = ("cbam", "bam", "se")
 MODES = ("fwd", "fwdbwd")
 FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
-IMPL_BASELINES = ("eager", "compile", "clone")
 REDUCTION = 16
 
 # ResNet-50 stage outputs (after each stage's blocks; BAM sits on the first three), batch 8 on

@@ -6,7 +6,7 @@ import os
 
 __all__ = ["OP_COLUMNS", "E2E_COLUMNS", "META_COLUMNS", "op_tables", "summary_table", "e2e_table", "write_csv", "write_json", "plot"]
 
-META_COLUMNS = ["timestamp", "device", "device_name", "torch", "triton", "threads", "command"]
+META_COLUMNS = ["timestamp", "device", "device_name", "torch", "triton", "cuda", "git", "malloc", "threads", "command"]
 OP_COLUMNS = [
     "module", "impl", "backend", "dtype", "format", "shape", "mode",
     "median_ms", "q25_ms", "q75_ms", "min_ms", "max_ms", "iqr_pct", "samples", "inner", "rotate",
