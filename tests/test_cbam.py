@@ -272,6 +272,21 @@ WHOLE_OP_PAIRS = [p for p in PAIRS if has_whole_op(p.values[0])]
 
 
 @pytest.mark.parametrize("backend,device", WHOLE_OP_PAIRS)
+def test_whole_op_rejects_bad_parameters(backend, device):
+    """The whole-op kernel is public: non-floating parameters and a BN bias without its weight are
+    errors, not silently used or dropped."""
+    args = list(small_op_args(device))
+    bad = list(args)
+    bad[1] = args[1].to(torch.int64)
+    with pytest.raises(RuntimeError, match="fc1_weight must have a floating dtype"):
+        torch.ops.attnkern.cbam_fused_forward(*bad, False)
+    bad = list(args)
+    bad[9] = None  # bn_weight
+    with pytest.raises(RuntimeError, match="bn_weight and bn_bias come together"):
+        torch.ops.attnkern.cbam_fused_forward(*bad, False)
+
+
+@pytest.mark.parametrize("backend,device", WHOLE_OP_PAIRS)
 @pytest.mark.parametrize("variant", ["train", "eval", "channel_only", "spatial_only"])
 def test_opcheck_whole_op_kernels(backend, device, variant):
     """The whole-op kernels, their fakes and the forward's C++ autograd (csrc/cbam_fused_autograd.cpp)."""

@@ -207,6 +207,23 @@ Tensor dense(const Tensor& x) {
   return in_layout(x, layout_of(x));
 }
 
+// Each parameter given is floating and on x's device (the op computes in x's acc dtype whatever
+// their floating dtype: autocast hands bf16 x float32 parameters), and BN's weight and bias come
+// together.
+void check_params(const Tensor& x, std::initializer_list<std::pair<const char*, const optional<Tensor>*>> params,
+                  const optional<Tensor>& bn_weight, const optional<Tensor>& bn_bias) {
+  for (const auto& [name, param] : params) {
+    if (param->has_value()) {
+      TORCH_CHECK(at::isFloatingType((*param)->scalar_type()), "attnkern::cbam_fused: ", name,
+                  " must have a floating dtype, got ", (*param)->scalar_type());
+      TORCH_CHECK((*param)->device() == x.device(), "attnkern::cbam_fused: ", name, " must be on x's device (",
+                  x.device(), "), got ", (*param)->device());
+    }
+  }
+  TORCH_CHECK(bn_weight.has_value() == bn_bias.has_value(),
+              "attnkern::cbam_fused: bn_weight and bn_bias come together (an affine BN), got only one");
+}
+
 ForwardOutputs cbam_fused_forward_cpu(const Tensor& x_in, const optional<Tensor>& fc1_weight,
                                       const optional<Tensor>& fc1_bias, const optional<Tensor>& fc2_weight,
                                       const optional<Tensor>& fc2_bias, bool use_avg, bool use_max,
@@ -217,6 +234,12 @@ ForwardOutputs cbam_fused_forward_cpu(const Tensor& x_in, const optional<Tensor>
                                       bool need_argmax) {
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);  // the small math runs in acc
   const Tensor x = dense(x_in);
+  check_params(x,
+               {{"fc1_weight", &fc1_weight}, {"fc1_bias", &fc1_bias}, {"fc2_weight", &fc2_weight},
+                {"fc2_bias", &fc2_bias}, {"conv_weight", &conv_weight}, {"conv_bias", &conv_bias},
+                {"bn_weight", &bn_weight}, {"bn_bias", &bn_bias}, {"bn_running_mean", &bn_running_mean},
+                {"bn_running_var", &bn_running_var}},
+               bn_weight, bn_bias);
   const int64_t N = x.size(0), C = x.size(1);
   const auto acc = acc_type_of(x.scalar_type());
   const auto acc_opts = x.options().dtype(acc);
