@@ -39,6 +39,7 @@ CONFIGS = [
 LARGE_CONFIGS = [
     ((64, 16), {}, (2, 64, 14, 14)),
     ((130, 16), {}, (2, 130, 9, 11)),
+    ((42, 2), {}, (2, 42, 9, 11)),  # hidden width 21: past one vector, and not a multiple of one
 ]
 # Low precision needs batches of several samples: with N = 2, BatchNorm1d's batch variance over two
 # pooled vectors can be ~1e-4, and its backward then scales float32 rounding by 1 / sqrt(var) ~ 100 in
@@ -169,6 +170,16 @@ def test_batch_of_one(backend, device):
         fused.train()(x.to(device))
     assert fused.channel.bn.num_batches_tracked.item() == 0
     assert_matches(ref, fused, x, torch.float64, torch.contiguous_format, device, False)
+
+
+@pytest.mark.parametrize("backend,device", [p for p in PAIRS if not interpreted_triton(*p.values)])
+def test_one_sample_split_across_threads(backend, device):
+    """Eval with N = 1 on a map big enough that the CPU's pool + reduce pass cuts the sample into
+    pixel chunks for its threads (partial channel sums merged)."""
+    for fmt in FORMATS:
+        for dtype in (torch.float64, torch.float32):
+            ref, fused = make_modules("BAM", (42, 2), {}, backend, device)
+            assert_matches(ref, fused, torch.randn(1, 42, 28, 29, dtype=torch.float64), dtype, fmt, device, False)
 
 
 @pytest.mark.parametrize("backend,device", PAIRS)

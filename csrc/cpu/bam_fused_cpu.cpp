@@ -9,6 +9,8 @@
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
+#include <functional>
+
 #include "cpu/cpu_ops.h"
 #include "cpu/cpu_utils.h"
 
@@ -48,9 +50,9 @@ Tensor pointwise(const Tensor& a, const Tensor& weight) {
   const int64_t n = a.size(0), ci = a.size(1), h = a.size(2), w = a.size(3);
   const Tensor matrix = weight.reshape({weight.size(0), ci});
   if (a.is_contiguous() && h * w > 1) {
-    return at::bmm(matrix.expand({n, -1, -1}), a.view({n, ci, h * w})).view({n, -1, h, w});
+    return at::bmm(matrix.expand({n, -1, -1}), a.view({n, ci, h * w})).view({n, matrix.size(0), h, w});
   }
-  return at::mm(pixel_rows(a), matrix.t()).view({n, h, w, -1}).permute({0, 3, 1, 2});
+  return at::mm(pixel_rows(a), matrix.t()).view({n, h, w, matrix.size(0)}).permute({0, 3, 1, 2});
 }
 
 std::pair<Tensor, Tensor> pointwise_backward(const Tensor& grad, const Tensor& a, const Tensor& weight) {
@@ -79,8 +81,14 @@ Tensor conv_nobias(const Tensor& a, const Tensor& weight, int64_t dilation) {
 
 // conv(a) in a's dtype, the output and the bias in acc (as ops/bam.py _conv).
 Tensor conv(const Tensor& a, const Tensor& weight, const Tensor& bias, int64_t dilation, at::ScalarType acc) {
+  if (a.scalar_type() == acc && !is_pointwise(weight)) {  // oneDNN adds the bias as it writes
+    return at::conv2d(a, weight.to(acc), bias.to(acc), 1, padding(weight, dilation), dilation);
+  }
   return conv_nobias(a, weight.to(a.scalar_type()), dilation).to(acc) + channel_view(bias.to(acc));
 }
+
+// Computes a stack's first conv in place of conv(): (a, weight, bias) -> the output in acc.
+using FirstConv = std::function<Tensor(const Tensor&, const Tensor&, const Tensor&)>;
 
 std::pair<Tensor, Tensor> conv_backward(const Tensor& grad, const Tensor& a, const Tensor& weight, int64_t dilation) {
   if (is_pointwise(weight)) {
@@ -133,16 +141,21 @@ struct StackForward {
   vector<Tensor> hidden, means, vars;
 };
 
-// [conv, BN, ReLU] per BN, then the final conv (ops/bam.py _stack_forward).
+// [conv, BN, ReLU] per BN, then the final conv (ops/bam.py _stack_forward); `first`, when given,
+// computes the first conv.
 StackForward stack_forward(const Tensor& inp, const vector<Tensor>& weights, TensorList biases,
-                           const vector<Bn>& bns, int64_t dilation, at::ScalarType acc) {
+                           const vector<Bn>& bns, int64_t dilation, at::ScalarType acc,
+                           const FirstConv& first = nullptr) {
   StackForward out;
   Tensor a = inp;
   for (size_t k = 0; k < bns.size(); ++k) {
     const Bn& bn = bns[k];
+    const auto layer_conv = [&](const Tensor& weight, const Tensor& bias) {
+      return k == 0 && first ? first(a, weight, bias) : conv(a, weight, bias, dilation, acc);
+    };
     Tensor pre;
     if (bn.training) {
-      const Tensor z = conv(a, weights[k], biases[k], dilation, acc);
+      const Tensor z = layer_conv(weights[k], biases[k]);
       // ATen's BN kernel: 3-8x faster than var_mean on these maps; var + eps is what invstd inverts.
       auto [normalized, mean, invstd] =
           at::native_batch_norm(z, bn.weight.to(acc), bn.bias.to(acc), {}, {}, true, 0.0, bn.eps);
@@ -153,7 +166,7 @@ StackForward stack_forward(const Tensor& inp, const vector<Tensor>& weights, Ten
     } else {
       const Affine af = bn_affine(bn, bn.mean, bn.var, acc);
       const Tensor folded = weights[k].to(acc) * af.scale.view({-1, 1, 1, 1});
-      pre = conv(a, folded, biases[k].to(acc) * af.scale + af.shift, dilation, acc);
+      pre = layer_conv(folded, biases[k].to(acc) * af.scale + af.shift);
       out.hidden.push_back(pre);
       out.means.push_back(inp.new_empty({0}, inp.options().dtype(acc)));  // distinct: outputs may not alias
       out.vars.push_back(inp.new_empty({0}, inp.options().dtype(acc)));
@@ -264,11 +277,23 @@ ForwardOutputs bam_fused_forward_cpu(const Tensor& x_in, TensorList weights, Ten
   const auto acc = acc_type_of(x.scalar_type());
   const vector<Bn> bns =
       bn_list(weights, biases, bn_weights, bn_biases, bn_running_means, bn_running_vars, bn_eps, bn_training);
-  const Tensor avg = std::get<0>(channel_pool_cpu(x, false));
+  // The channel pool rides on the reduce conv's read of x where that pays (a 1x1 conv with small
+  // weights; see bam_pool_reduce_cpu).
+  Tensor avg;
+  const FirstConv pool_and_reduce = [&](const Tensor& a, const Tensor& weight, const Tensor& bias) {
+    if (!is_pointwise(weight) || weight.numel() * c10::elementSize(acc) > kPoolReduceMaxWeightBytes) {
+      avg = std::get<0>(channel_pool_cpu(a, false));
+      return conv(a, weight, bias, dilation, acc);
+    }
+    auto [mean, z] = bam_pool_reduce_cpu(a, weight, bias);
+    avg = mean;
+    return z;
+  };
+  const StackForward spatial = stack_forward(x, spatial_weights(weights), biases.slice(kChannelLayers),
+                                             vector<Bn>(bns.begin() + 1, bns.end()), dilation, acc, pool_and_reduce);
+  TORCH_INTERNAL_ASSERT(avg.defined(), "the spatial stack starts with a conv and BN");
   const StackForward channel = stack_forward(avg.view({n, c, 1, 1}), channel_weights(weights),
                                              biases.slice(0, kChannelLayers), {bns[0]}, 1, acc);
-  const StackForward spatial = stack_forward(x, spatial_weights(weights), biases.slice(kChannelLayers),
-                                             vector<Bn>(bns.begin() + 1, bns.end()), dilation, acc);
   const Tensor channel_att = channel.logits.reshape({n, c});
   const Tensor spatial_att = spatial.logits.reshape({n, h, w});
   Tensor y = bam_combine_cpu(x, channel_att, spatial_att, product);

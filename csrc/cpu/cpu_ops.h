@@ -7,6 +7,7 @@
 
 #include <optional>
 #include <tuple>
+#include <utility>
 
 namespace attnkern::cpu {
 
@@ -86,6 +87,14 @@ at::Tensor cbam_input_grad_cpu(const at::Tensor& grad, const at::Tensor& x, cons
 at::Tensor spatial_conv_cpu(const at::Tensor& pooled, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
 std::tuple<at::Tensor, at::Tensor> spatial_conv_backward_cpu(const at::Tensor& grad, const at::Tensor& pooled,
                                                              const at::Tensor& weight);
+// BAM's channel pool and spatial reduce conv in one read of x: (avg (N, C), z (N, Cr, H, W) =
+// conv1x1(x, weight (Cr, C, 1, 1), bias (Cr,))), both in x's acc dtype, z in x's layout. It pays
+// for weights up to kPoolReduceMaxWeightBytes (in acc); past that (C >= 1024 at r = 16) its
+// register tiles stream the weights from L2 for every pixel block, and ATen's GEMM is faster
+// than the pass it saves (benchmarks/NOTES.md).
+constexpr int64_t kPoolReduceMaxWeightBytes = 64 * 1024;
+std::pair<at::Tensor, at::Tensor> bam_pool_reduce_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                                      const at::Tensor& bias);
 at::Tensor bam_combine_cpu(const at::Tensor& x, const at::Tensor& channel_att, const at::Tensor& spatial_att,
                            bool product);
 std::tuple<at::Tensor, at::Tensor> bam_combine_backward_cpu(const at::Tensor& grad, const at::Tensor& x,

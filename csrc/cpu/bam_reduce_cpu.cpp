@@ -1,0 +1,260 @@
+// BAM's channel pool and its spatial branch's 1x1 reduce conv from one read of x (declared in
+// cpu_ops.h): avg[n, c] = mean over hw of x, z = weight (Cr, C) . x + bias per pixel, in acc and
+// in x's layout. The reduce conv is the largest GEMM of a BAM forward (C x C/r per pixel); its
+// narrow side (C/r = 4-32 outputs) keeps ATen's GEMM at 20-65 % of this CPU's FMA rate, where
+// register tiles sized for it reach 70-80 % on a sample in cache, and the channel pool's own pass
+// over x goes (benchmarks/NOTES.md).
+//
+// Register tiles (AVX2: 16 vector registers):
+//   NCHW, z (Cr, HW) = W (Cr, C) . X (C, HW): kOut output channels x kPixVecs vectors of pixels;
+//     per input channel kPixVecs loads of x and kOut broadcast weights. The tile's strip of x (C
+//     rows of kPixVecs vectors) is read from memory by the first output block and from L1 by the
+//     others; the channel sums ride on the first block's loads.
+//   NHWC, z (HW, Cr) = X (HW, C) . W^T (C, Cr): kRows pixels x kVecs vectors of outputs (6 x 2, or
+//     12 x 1 where Cr fits one vector: C/r = 4 wasted three quarters of a 6 x 2 tile); per input
+//     channel kVecs loads of W^T and kRows broadcast elements of x. The channel sums are added row
+//     by row after the tile, from L1.
+#include "cpu/cpu_ops.h"
+#include "cpu/cpu_utils.h"
+
+ATTNKERN_VEC_BEGIN
+namespace attnkern::cpu {
+namespace {
+
+using at::Tensor;
+
+constexpr int64_t kOut = 4, kPixVecs = 3;  // NCHW tile
+
+// v rounded to T (identity for float and double): the conv's output is in x's dtype, as in the
+// other backends (ops/bam.py _conv); only the bias is added in acc.
+template <typename T>
+inline Vectorized<acc_t<T>> rounded_to(const Vectorized<acc_t<T>>& v) {
+  if constexpr (at::vec::is_reduced_floating_point_v<T>) {
+    return std::get<0>(at::vec::convert_to_float<T>(at::vec::convert_from_float<T>(v, v)));
+  } else {
+    return v;
+  }
+}
+
+// zs[r * stride + j] = rounded acc[r][j] + the bias for r < rows, j < count: a tile's outputs
+// (bias(r, v): the bias vector of acc[r][v]). The whole tile goes through a stack buffer with
+// constant indices: stores with runtime bounds straight from acc made GCC keep acc in memory and
+// store all of it in every step of the tile's channel loop (2.5x slower).
+template <typename T, int64_t kR, int64_t kV, typename Bias>
+inline void store_tile(const Vectorized<acc_t<T>> (&acc)[kR][kV], const Bias& bias, int64_t rows, int64_t stride,
+                       int64_t count, acc_t<T>* zs) {
+  constexpr int64_t L = Vectorized<acc_t<T>>::size();
+  alignas(64) acc_t<T> out[kR][kV * L];
+  for (int64_t r = 0; r < kR; ++r) {
+    for (int64_t v = 0; v < kV; ++v) {
+      (rounded_to<T>(acc[r][v]) + bias(r, v)).store(out[r] + v * L);
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    std::copy(out[r], out[r] + count, zs + r * stride);
+  }
+}
+
+// One NCHW tile: outputs [o0, o0 + kOut) (w: their kOut rows of C weights) over `count` <=
+// kPixVecs * L pixels starting at xs (rows `stride` apart, whole vectors readable), stored from
+// zs (output rows HW apart) for the first `rows` outputs. kSum: also lane_sums[c * L + lane] +=
+// the tile's pixels of channel c.
+template <bool kSum, typename T>
+inline void nchw_tile(const T* xs, int64_t stride, int64_t C, const acc_t<T>* w, const acc_t<T>* bias, int64_t rows,
+                      int64_t count, acc_t<T>* zs, int64_t HW, acc_t<T>* lane_sums) {
+  using A = acc_t<T>;
+  using V = Vectorized<A>;
+  constexpr int64_t L = V::size();
+  V acc[kOut][kPixVecs];
+  for (auto& row : acc) {
+    for (auto& v : row) v = V(A(0));
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    V in[kPixVecs];
+    for (int64_t v = 0; v < kPixVecs; ++v) in[v] = vload(xs + c * stride + v * L);
+    for (int64_t r = 0; r < kOut; ++r) {
+      const V wv(w[r * C + c]);
+      for (int64_t v = 0; v < kPixVecs; ++v) acc[r][v] = at::vec::fmadd(wv, in[v], acc[r][v]);
+    }
+    if constexpr (kSum) {
+      // This block reads C rows of x at once, far more streams than the hardware prefetchers
+      // follow: ask for the next block's part of this row (its first, middle and last element,
+      // so every line of it) while this one is computed.
+      const char* next = reinterpret_cast<const char*>(xs + c * stride + kPixVecs * L);
+      __builtin_prefetch(next, 0, 3);
+      __builtin_prefetch(next + kPixVecs * L * sizeof(T) / 2, 0, 3);
+      __builtin_prefetch(next + kPixVecs * L * sizeof(T) - 1, 0, 3);
+      V s = V::loadu(lane_sums + c * L);
+      for (int64_t v = 0; v < kPixVecs; ++v) s = s + in[v];
+      s.store(lane_sums + c * L);
+    }
+  }
+  store_tile<T>(acc, [&](int64_t r, int64_t) { return V(bias[r]); }, rows, HW, count, zs);
+}
+
+// Pixels [h0, h1) of NCHW sample xs (C planes of HW): z rows (Cr planes of HW) and the channel
+// sums, added into sums (C). w, bias: Cr rounded up to kOut rows, the extra ones zero. strip: C *
+// kPixVecs * L elements of T for the last, partial pixel block.
+template <typename T>
+void nchw_pool_reduce(const T* xs, int64_t C, int64_t HW, int64_t h0, int64_t h1, const acc_t<T>* w,
+                      const acc_t<T>* bias, int64_t Cr, acc_t<T>* zs, acc_t<T>* sums, std::vector<T>& strip) {
+  using A = acc_t<T>;
+  constexpr int64_t L = Vectorized<A>::size(), kBlock = kPixVecs * L;
+  std::vector<A> lane_sums(C * L, A(0));
+  for (int64_t p0 = h0; p0 < h1; p0 += kBlock) {
+    const int64_t count = std::min(kBlock, h1 - p0);
+    const T* src = xs + p0;
+    int64_t stride = HW;
+    if (count < kBlock) {  // the partial block, copied so that every load is whole
+      for (int64_t c = 0; c < C; ++c) {
+        T* row = strip.data() + c * kBlock;
+        std::fill(std::copy(xs + c * HW + p0, xs + c * HW + p0 + count, row), row + kBlock, T(0));  // zeros: summed
+      }
+      src = strip.data();
+      stride = kBlock;
+    }
+    for (int64_t o0 = 0; o0 < Cr; o0 += kOut) {
+      const int64_t rows = std::min(kOut, Cr - o0);
+      A* out = zs + o0 * HW + p0;
+      if (o0 == 0) {
+        nchw_tile<true>(src, stride, C, w, bias, rows, count, out, HW, lane_sums.data());
+      } else {
+        nchw_tile<false>(src, stride, C, w + o0 * C, bias + o0, rows, count, out, HW, nullptr);
+      }
+    }
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    sums[c] += hsum(Vectorized<A>::loadu(lane_sums.data() + c * L));
+  }
+}
+
+// One NHWC tile of kRows rows of x (C apart) against outputs [o0, o0 + kVecs * L) of wt (C rows of
+// Cr_pad), stored to z rows (Cr apart) with the bias added.
+template <int64_t kRows, int64_t kVecs, typename T>
+inline void nhwc_tile(const T* xs, int64_t C, const acc_t<T>* wt, int64_t Cr_pad, const acc_t<T>* bias, int64_t o0,
+                      int64_t Cr, acc_t<T>* zs) {
+  using A = acc_t<T>;
+  using V = Vectorized<A>;
+  constexpr int64_t L = V::size();
+  V acc[kRows][kVecs];
+  for (auto& row : acc) {
+    for (auto& v : row) v = V(A(0));
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    V wv[kVecs];
+    for (int64_t v = 0; v < kVecs; ++v) wv[v] = V::loadu(wt + c * Cr_pad + o0 + v * L);
+    for (int64_t p = 0; p < kRows; ++p) {
+      const V xv(static_cast<A>(xs[p * C + c]));
+      for (int64_t v = 0; v < kVecs; ++v) acc[p][v] = at::vec::fmadd(xv, wv[v], acc[p][v]);
+    }
+  }
+  const auto bias_of = [&](int64_t, int64_t v) { return V::loadu(bias + o0 + v * L); };
+  store_tile<T>(acc, bias_of, kRows, Cr, std::min(kVecs * L, Cr - o0), zs + o0);
+}
+
+template <int64_t kRows, int64_t kVecs, typename T>
+inline void nhwc_rows(const T* xs, int64_t C, const acc_t<T>* wt, int64_t Cr_pad, const acc_t<T>* bias, int64_t Cr,
+                      acc_t<T>* zs, acc_t<T>* sums) {
+  for (int64_t o0 = 0; o0 < Cr; o0 += kVecs * Vectorized<acc_t<T>>::size()) {
+    nhwc_tile<kRows, kVecs>(xs, C, wt, Cr_pad, bias, o0, Cr, zs);
+  }
+  for (int64_t p = 0; p < kRows; ++p) {
+    map_range(sums, 0, C, [&](int64_t j, int64_t cnt) { return load_acc_n(sums + j, cnt) + load_n(xs + p * C + j, cnt); });
+  }
+}
+
+// Pixel rows [h0, h1) of NHWC sample xs with kRows x kVecs tiles: z rows and the channel sums
+// (added into sums). wt (C, Cr_pad) and bias (Cr_pad): Cr rounded up to kVecs vectors, the extra
+// entries zero.
+template <int64_t kRows, int64_t kVecs, typename T>
+void nhwc_pool_reduce(const T* xs, int64_t C, int64_t h0, int64_t h1, const acc_t<T>* wt, int64_t Cr_pad,
+                      const acc_t<T>* bias, int64_t Cr, acc_t<T>* zs, acc_t<T>* sums) {
+  int64_t p = h0;
+  for (; p + kRows <= h1; p += kRows) {
+    nhwc_rows<kRows, kVecs>(xs + p * C, C, wt, Cr_pad, bias, Cr, zs + p * Cr, sums);
+  }
+  for (; p < h1; ++p) {
+    nhwc_rows<1, kVecs>(xs + p * C, C, wt, Cr_pad, bias, Cr, zs + p * Cr, sums);
+  }
+}
+
+template <typename T>
+void pool_reduce_kernel(const Tensor& x, Layout layout, const Tensor& weight, const Tensor& bias, const Tensor& avg,
+                        const Tensor& z) {
+  using A = acc_t<T>;
+  constexpr int64_t L = Vectorized<A>::size();
+  const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3), Cr = weight.size(0);
+  const T* xp = x.const_data_ptr<T>();
+  A* zp = z.data_ptr<A>();
+  // The weights padded with zero outputs to whole tiles: NCHW as rows (Cr_pad, C), NHWC transposed
+  // (C, Cr_pad).
+  const bool nchw = layout == Layout::NCHW;
+  const bool narrow = Cr <= L;  // NHWC: 12 x 1 tiles
+  const int64_t out_block = nchw ? kOut : (narrow ? L : 2 * L);
+  const int64_t Cr_pad = divup(Cr, out_block) * out_block;
+  const Tensor w_pad = at::zeros(nchw ? std::vector<int64_t>{Cr_pad, C} : std::vector<int64_t>{C, Cr_pad},
+                                 weight.options());
+  (nchw ? w_pad.narrow(0, 0, Cr) : w_pad.narrow(1, 0, Cr)).copy_(nchw ? weight : weight.t());
+  const Tensor b_pad = at::zeros({Cr_pad}, bias.options());
+  b_pad.narrow(0, 0, Cr).copy_(bias);
+  const A* wp = w_pad.const_data_ptr<A>();
+  const A* bp = b_pad.const_data_ptr<A>();
+  // Samples split into pixel chunks only where the batch alone leaves threads idle.
+  const Tasks tk{N, HW, chunks_per_sample(N, HW, HW, 16 * kPixVecs * L, C * HW * Cr), 64 / int64_t(sizeof(A))};
+  ChannelPartials<A> partials(N, C, tk.nch, avg.data_ptr<A>());
+  std::fill_n(avg.data_ptr<A>(), N * C, A(0));
+  at::parallel_for(0, tk.count(), 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> strip(nchw ? C * kPixVecs * L : 0);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = t / tk.nch;
+      const auto [h0, h1] = chunk_range(HW, tk.nch, t % tk.nch, tk.align);
+      if (h0 >= h1) {
+        continue;
+      }
+      const T* xs = xp + n * C * HW;
+      A* zs = zp + n * Cr * HW;
+      if (nchw) {
+        nchw_pool_reduce(xs, C, HW, h0, h1, wp, bp, Cr, zs, partials.row(t, n), strip);
+      } else if (narrow) {
+        nhwc_pool_reduce<12, 1>(xs, C, h0, h1, wp, Cr_pad, bp, Cr, zs, partials.row(t, n));
+      } else {
+        nhwc_pool_reduce<6, 2>(xs, C, h0, h1, wp, Cr_pad, bp, Cr, zs, partials.row(t, n));
+      }
+    }
+  });
+  partials.finish();
+  avg.div_(static_cast<double>(HW));
+}
+
+}  // namespace
+
+std::pair<Tensor, Tensor> bam_pool_reduce_cpu(const Tensor& x_in, const Tensor& weight_in, const Tensor& bias_in) {
+  constexpr const char* op = "attnkern::bam_pool_reduce";
+  check_full(op, "x", x_in);
+  const auto acc_type = acc_type_of(x_in.scalar_type());
+  const int64_t N = x_in.size(0), C = x_in.size(1), H = x_in.size(2), W = x_in.size(3);
+  // The weights in x's dtype (as the conv of the other backends takes them), held in acc.
+  const Tensor weight = weight_in.to(x_in.scalar_type()).to(acc_type).reshape({-1, C}).contiguous();
+  const int64_t Cr = weight.size(0);
+  const Tensor bias = check_small(op, "bias", bias_in.to(acc_type), acc_type, {Cr}, x_in);
+  const Layout layout = layout_of(x_in);
+  const Tensor x = in_layout(x_in, layout);
+  if (!use_vec_kernels() || H * W == 0) {
+    const Tensor z = at::conv2d(x, weight.to(x.scalar_type()).view({Cr, C, 1, 1})).to(acc_type) + bias.view({1, Cr, 1, 1});
+    return {acc(x).mean({2, 3}), z.contiguous(memory_format_of(layout))};
+  }
+  const auto opts = x.options().dtype(acc_type);
+  Tensor avg = at::empty({N, C}, opts);
+  Tensor z = at::empty({N, Cr, H, W}, opts.memory_format(memory_format_of(layout)));
+  if (N * C * Cr > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "attnkern_bam_pool_reduce_cpu",
+                                    [&] { pool_reduce_kernel<scalar_t>(x, layout, weight, bias, avg, z); });
+  } else {
+    avg.zero_();
+    z.copy_(bias.view({1, Cr, 1, 1}).expand_as(z));
+  }
+  return {avg, z};
+}
+
+}  // namespace attnkern::cpu
+ATTNKERN_VEC_END
