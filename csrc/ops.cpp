@@ -50,6 +50,9 @@ TORCH_LIBRARY(attnkern, m) {
         "Tensor conv_out, bool use_avg, bool use_max) -> (Tensor dx, Tensor d_fc1_weight, Tensor d_fc1_bias, "
         "Tensor d_fc2_weight, Tensor d_fc2_bias, Tensor d_conv_weight, Tensor d_conv_bias, Tensor d_bn_weight, "
         "Tensor d_bn_bias)");
+  // t (4-D, dense in the other layout) copied into NHWC (channels_last) or NCHW: the NCHW <-> NHWC
+  // transpose the CPU kernels run on a grad that comes in the other layout than x (CPU only).
+  m.def("transpose_layout(Tensor t, bool channels_last) -> Tensor");
   // BAM: y = x * (1 + sigmoid(a)), a = channel_att[n,c] + spatial_att[n,h,w] (product: a = ca * sa).
   m.def("bam_combine(Tensor x, Tensor channel_att, Tensor spatial_att, bool product) -> Tensor");
   // The reductions of BAM's combine backward, one pass over (grad, x): with M = sigmoid(a) and

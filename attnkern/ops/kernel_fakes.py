@@ -62,6 +62,10 @@ def _register():
     def _(grad, x, *_):
         return torch.empty_like(x)
 
+    @fake("attnkern::transpose_layout")
+    def _(t, channels_last):
+        return torch.empty_like(t, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
 
 if _extension.LOAD_ERROR is None:
     _register()
