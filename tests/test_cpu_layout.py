@@ -43,7 +43,8 @@ def poisoned_heap():
 
 # Beyond SHAPES: both panel modes (the byte stride with the larger power-of-two factor is buffered),
 # several 512-byte runs and bands, the ResNet shapes' power-of-two channels.
-LARGE_SHAPES = [(1, 1024, 14, 14), (2, 2048, 7, 7), (1, 64, 56, 56), (2, 257, 19, 23), (1, 512, 9, 64), (3, 8, 64, 64)]
+LARGE_SHAPES = [(1, 1024, 14, 14), (2, 2048, 7, 7), (1, 64, 56, 56), (2, 257, 19, 23), (1, 512, 9, 64), (3, 8, 64, 64),
+                (1, 300, 3, 13)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES + [torch.int16, torch.int32, torch.int64, torch.complex64, torch.uint8],
