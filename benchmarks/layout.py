@@ -82,7 +82,8 @@ def table(rows):
     lines = ["times: median (25% quantile), microseconds", head, "-" * len(head)]
     for key in dict.fromkeys((r["shape"], r["dtype"], r["direction"]) for r in rows):
         by = {r["impl"]: r for r in rows if (r["shape"], r["dtype"], r["direction"]) == key}
-        cells = [f"{by[k]['median_ms'] * 1e3:8.1f} ({by[k]['q25_ms'] * 1e3:6.1f})" for k in ("clone", "aten", "attnkern")]
+        cells = [f"{by[k]['median_ms'] * 1e3:8.1f} ({by[k]['q25_ms'] * 1e3:6.1f})"
+                 for k in ("clone", "aten", "attnkern")]
         lines.append(f"{key[0]:14s} {key[1]:5s} {key[2]:11s} {cells[0]:>17s} {cells[1]:>17s} {cells[2]:>17s} "
                      f"{by['aten']['x_clone']:10.2f} {by['attnkern']['x_clone']:9.2f} "
                      f"{by['aten']['median_ms'] / by['attnkern']['median_ms']:8.2f}")
