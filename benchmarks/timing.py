@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 __all__ = [
-    "Stats", "summarize", "CpuSampler", "time_cpu", "time_cuda", "time_fn", "last_level_cache_bytes",
+    "Stats", "summarize", "CpuSampler", "time_cuda", "last_level_cache_bytes",
     "rotation_count", "keep_freed_memory",
 ]
 
@@ -138,14 +138,6 @@ class CpuSampler:
         return summarize(self.samples, self.inner)
 
 
-def time_cpu(call, n_inputs=1, repeats=7, min_time=0.02, warmup=2, max_warmup_s=2.0):
-    """All samples of one function in a row (see CpuSampler)."""
-    sampler = CpuSampler(call, n_inputs, min_time, warmup, max_warmup_s)
-    for _ in range(repeats):
-        sampler.sample()
-    return sampler.stats()
-
-
 def time_cuda(fn, rep_ms=100, warmup_ms=25, grad_to_none=None):
     """Per-call CUDA-event times of fn, L2 flushed before each call (triton.testing.do_bench)."""
     try:
@@ -178,9 +170,3 @@ def time_cuda(fn, rep_ms=100, warmup_ms=25, grad_to_none=None):
     torch.cuda.synchronize()
     return summarize([s.elapsed_time(e) for s, e in events])
 
-
-def time_fn(device, call, n_inputs=1, repeats=7, min_time=0.02, gpu_rep_ms=100, grad_to_none=None):
-    """Dispatches to time_cpu or time_cuda (which rotates nothing: do_bench flushes the L2)."""
-    if torch.device(device).type == "cuda":
-        return time_cuda(lambda: call(0), rep_ms=gpu_rep_ms, grad_to_none=grad_to_none)
-    return time_cpu(call, n_inputs=n_inputs, repeats=repeats, min_time=min_time)
