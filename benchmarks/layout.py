@@ -10,7 +10,6 @@ are sampled in turns (benchmarks/timing.py CpuSampler) on inputs rotating past t
 page-faulted in anew.
 """
 import argparse
-import datetime
 import os
 import sys
 
@@ -105,15 +104,9 @@ def main(argv=None):
                 print(table(rows[-3:]).splitlines()[-1], flush=True)
     print()
     print(table(rows))
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    prefix = os.path.join(report.ensure_dir(args.output), f"layout_cpu_{stamp}")
     cfg = dict(device=torch.device("cpu"), available_backends=available_backends("cpu"), backends=["cpu"])
     meta = dict(metadata(cfg, argv, torch.get_num_threads(), "benchmarks.layout"), malloc=malloc)
-    paths = dict(csv=f"{prefix}.csv", json=f"{prefix}.json")
-    report.write_csv(paths["csv"], rows, COLUMNS, meta)
-    report.write_json(paths["json"], dict(meta=meta, rows=rows))
-    print(f"\nwrote {paths['csv']} and {paths['json']}")
-    return dict(rows=rows, paths=paths)
+    return dict(rows=rows, paths=report.write_run(args.output, "layout_cpu", rows, COLUMNS, meta))
 
 
 if __name__ == "__main__":

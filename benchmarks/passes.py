@@ -13,7 +13,6 @@ The `forward` rows are the whole CBAM forward where the backend has a whole-op k
 a write: `3-pass floor`), with and without the max pools' argmax bookkeeping.
 """
 import argparse
-import datetime
 import os
 import sys
 
@@ -162,16 +161,10 @@ def main(argv=None):
         for fmt_name in args.formats.split(","):
             rows += measure(args, device, backend, dtype, shape, fmt_name)
     print(table(rows))
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    prefix = os.path.join(report.ensure_dir(args.output), f"passes_{device.type}_{stamp}")
     cfg = dict(device=device, available_backends=available_backends(device), backends=[backend])
     meta = dict(metadata(cfg, argv, torch.get_num_threads() if device.type == "cpu" else None, "benchmarks.passes"),
                 malloc=args.malloc)
-    paths = dict(csv=f"{prefix}.csv", json=f"{prefix}.json")
-    report.write_csv(paths["csv"], rows, COLUMNS, meta)
-    report.write_json(paths["json"], dict(meta=meta, rows=rows))
-    print(f"\nwrote {paths['csv']} and {paths['json']}")
-    return dict(rows=rows, paths=paths)
+    return dict(rows=rows, paths=report.write_run(args.output, f"passes_{device.type}", rows, COLUMNS, meta))
 
 
 if __name__ == "__main__":

@@ -1,10 +1,11 @@
 """Output: the terminal tables, CSV + JSON files and PNG plots."""
 import csv
+import datetime
 import json
 import math
 import os
 
-__all__ = ["OP_COLUMNS", "E2E_COLUMNS", "META_COLUMNS", "op_tables", "summary_table", "e2e_table", "write_csv", "write_json", "plot"]
+__all__ = ["OP_COLUMNS", "E2E_COLUMNS", "META_COLUMNS", "op_tables", "summary_table", "e2e_table", "write_csv", "write_json", "write_run", "plot"]
 
 META_COLUMNS = ["timestamp", "device", "device_name", "torch", "triton", "cuda", "git", "malloc", "threads", "command"]
 OP_COLUMNS = [
@@ -217,6 +218,17 @@ def plot(rows, out_prefix, meta):
             fig.savefig(path, dpi=90)
             plt.close(fig)
             paths.append(path)
+    return paths
+
+
+def write_run(output, name, rows, columns, meta):
+    """rows as <output>/<name>_<timestamp>.csv and .json (the JSON with meta); returns the paths."""
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    prefix = os.path.join(ensure_dir(output), f"{name}_{stamp}")
+    paths = dict(csv=f"{prefix}.csv", json=f"{prefix}.json")
+    write_csv(paths["csv"], rows, columns, meta)
+    write_json(paths["json"], dict(meta=meta, rows=rows))
+    print(f"\nwrote {paths['csv']} and {paths['json']}")
     return paths
 
 
