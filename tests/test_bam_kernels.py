@@ -7,6 +7,7 @@ from conftest import backend_device_pairs
 from test_kernels import cases, expect_close, make_x, reference
 
 PAIRS = backend_device_pairs(include_torch=False)
+pytestmark = pytest.mark.usefixtures("poisoned_heap")  # unwritten CPU outputs show
 
 
 def attention_maps(shape, device, dtype):

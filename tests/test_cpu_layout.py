@@ -1,7 +1,6 @@
 """The C++ CPU kernels' NCHW <-> NHWC transpose (csrc/cpu/layout_cpu.cpp), which they run on a grad
 that arrives in the other layout than x: bit-exact against ATen's copy, every element written, tile
 edges included; and CBAM / SE / BAM backwards with such a grad exactly as with a converted one."""
-import ctypes
 import itertools
 
 import pytest
@@ -24,21 +23,6 @@ SHAPES = [(n, c, h, w) for n, c, (h, w) in itertools.product((1, 3), CHANNELS, M
 
 def other(fmt):
     return NHWC if fmt is NCHW else NCHW
-
-
-@pytest.fixture
-def poisoned_heap():
-    """glibc's M_PERTURB: the blocks malloc hands out come filled with 0xA5 bytes (or the 0x5A their
-    free left), fresh mmap pages with 0, and the values are drawn to be none of these: an output
-    element the kernel leaves unwritten shows up."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        pytest.skip("needs glibc's mallopt")
-    m_perturb = -6
-    assert libc.mallopt(m_perturb, 0x5A)
-    yield
-    libc.mallopt(m_perturb, 0)
 
 
 # Beyond SHAPES: both panel modes (the byte stride with the larger power-of-two factor is buffered),
