@@ -95,6 +95,13 @@ std::tuple<at::Tensor, at::Tensor> spatial_conv_backward_cpu(const at::Tensor& g
 constexpr int64_t kPoolReduceMaxWeightBytes = 64 * 1024;
 std::pair<at::Tensor, at::Tensor> bam_pool_reduce_cpu(const at::Tensor& x, const at::Tensor& weight,
                                                       const at::Tensor& bias);
+// BAM's dilated k x k convs ('same' padding, stride 1) on narrow maps (a: float / double, any
+// layout; the output in a's layout): conv(a, weight (Co, Ci, k, k)) + bias. oneDNN runs 4-channel
+// maps at ~14 % of this CPU's FMA rate; register tiles (4 outputs x 24 pixels) do better up to
+// kNarrowConvChannels channels (benchmarks/NOTES.md). Needs the vector kernels (use_vec_kernels()).
+constexpr int64_t kNarrowConvChannels = 8;
+at::Tensor bam_narrow_conv_cpu(const at::Tensor& a, const at::Tensor& weight, const at::Tensor& bias,
+                               int64_t dilation);
 at::Tensor bam_combine_cpu(const at::Tensor& x, const at::Tensor& channel_att, const at::Tensor& spatial_att,
                            bool product);
 std::tuple<at::Tensor, at::Tensor> bam_combine_backward_cpu(const at::Tensor& grad, const at::Tensor& x,

@@ -1,11 +1,11 @@
-// BAM's channel pool and its spatial branch's 1x1 reduce conv from one read of x (declared in
-// cpu_ops.h): avg[n, c] = mean over hw of x, z = weight (Cr, C) . x + bias per pixel, in acc and
-// in x's layout. The reduce conv is the largest GEMM of a BAM forward (C x C/r per pixel); its
-// narrow side (C/r = 4-32 outputs) keeps ATen's GEMM at 20-65 % of this CPU's FMA rate, where
-// register tiles sized for it reach 70-80 % on a sample in cache, and the channel pool's own pass
-// over x goes (benchmarks/NOTES.md).
+// BAM's spatial-branch convs on the CPU (declared in cpu_ops.h), in register tiles (AVX2: 16 vector
+// registers) sized for their narrow side:
 //
-// Register tiles (AVX2: 16 vector registers):
+// bam_pool_reduce_cpu: the channel pool and the 1x1 reduce conv from one read of x: avg[n, c] = mean
+// over hw of x, z = weight (Cr, C) . x + bias per pixel, in acc and in x's layout. The reduce conv
+// is the largest GEMM of a BAM forward (C x C/r per pixel); its narrow side (C/r = 4-32 outputs)
+// keeps ATen's GEMM at 20-65 % of this CPU's FMA rate, where these tiles reach 70-80 % on a sample
+// in cache, and the channel pool's own pass over x goes (benchmarks/NOTES.md).
 //   NCHW, z (Cr, HW) = W (Cr, C) . X (C, HW): kOut output channels x kPixVecs vectors of pixels;
 //     per input channel kPixVecs loads of x and kOut broadcast weights. The tile's strip of x (C
 //     rows of kPixVecs vectors) is read from memory by the first output block and from L1 by the
@@ -14,6 +14,10 @@
 //     12 x 1 where Cr fits one vector: C/r = 4 wasted three quarters of a 6 x 2 tile); per input
 //     channel kVecs loads of W^T and kRows broadcast elements of x. The channel sums are added row
 //     by row after the tile, from L1.
+//
+// bam_narrow_conv_cpu: the dilated k x k convs on maps of at most kNarrowConvChannels channels, the
+// same kOut x kPixVecs tile over a zero-padded NCHW copy of each sample, a tap at a time. oneDNN
+// runs 4-channel maps at ~14 % of the FMA rate (8x4x56x56: 431 us, these tiles 128 us, 1 thread).
 #include "cpu/cpu_ops.h"
 #include "cpu/cpu_utils.h"
 
@@ -226,7 +230,87 @@ void pool_reduce_kernel(const Tensor& x, Layout layout, const Tensor& weight, co
   avg.div_(static_cast<double>(HW));
 }
 
+// One tile of a dilated k x k conv over a zero-padded NCHW sample (Ci planes of rows `pw` apart,
+// `plane` apart): outputs [o0, o0 + kOut) (w: their rows of Ci * k * k taps) at output row h,
+// columns [w0, w0 + count), acc[r][v] = sum over (ic, i, j) of w * padded[ic][h + i d][w0 + j d +
+// v L]; stored from zs (output planes HW apart, rows W apart) for the first `rows` outputs.
+template <typename A>
+inline void dilated_tile(const A* padded, int64_t Ci, int64_t plane, int64_t pw, int64_t k, int64_t d, const A* w,
+                         const A* bias, int64_t rows, int64_t count, int64_t h, int64_t w0, int64_t HW, A* zs) {
+  using V = Vectorized<A>;
+  constexpr int64_t L = V::size();
+  const int64_t taps = Ci * k * k;
+  V acc[kOut][kPixVecs];
+  for (auto& row : acc) {
+    for (auto& v : row) v = V(A(0));
+  }
+  int64_t t = 0;
+  for (int64_t ic = 0; ic < Ci; ++ic) {
+    for (int64_t i = 0; i < k; ++i) {
+      const A* src = padded + ic * plane + (h + i * d) * pw + w0;
+      for (int64_t j = 0; j < k; ++j, ++t) {
+        V in[kPixVecs];
+        for (int64_t v = 0; v < kPixVecs; ++v) in[v] = V::loadu(src + j * d + v * L);
+        for (int64_t r = 0; r < kOut; ++r) {
+          const V wv(w[r * taps + t]);
+          for (int64_t v = 0; v < kPixVecs; ++v) acc[r][v] = at::vec::fmadd(wv, in[v], acc[r][v]);
+        }
+      }
+    }
+  }
+  store_tile<A>(acc, [&](int64_t r, int64_t) { return V(bias[r]); }, rows, HW, count, zs);
+}
+
+template <typename A>
+void dilated_conv_kernel(const Tensor& a, const Tensor& weight, const Tensor& bias, int64_t d, const Tensor& out) {
+  constexpr int64_t L = Vectorized<A>::size(), kBlock = kPixVecs * L;
+  const int64_t N = a.size(0), Ci = a.size(1), H = a.size(2), W = a.size(3), Co = weight.size(0), k = weight.size(2);
+  const int64_t pad = d * (k / 2), ph = H + 2 * pad, pw = W + 2 * pad + kBlock, plane = ph * pw;
+  const int64_t Co_pad = divup(Co, kOut) * kOut;
+  const Tensor w_pad = at::zeros({Co_pad, Ci * k * k}, weight.options());
+  w_pad.narrow(0, 0, Co).copy_(weight.reshape({Co, -1}));
+  const Tensor b_pad = at::zeros({Co_pad}, bias.options());
+  b_pad.narrow(0, 0, Co).copy_(bias);
+  const A* ap = a.const_data_ptr<A>();
+  const A* wp = w_pad.const_data_ptr<A>();
+  const A* bp = b_pad.const_data_ptr<A>();
+  A* op = out.data_ptr<A>();
+  at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
+    std::vector<A> padded(Ci * plane, A(0));  // the border and the slack stay zero
+    for (int64_t n = n0; n < n1; ++n) {
+      for (int64_t ic = 0; ic < Ci; ++ic) {
+        for (int64_t h = 0; h < H; ++h) {
+          const A* row = ap + ((n * Ci + ic) * H + h) * W;
+          std::copy(row, row + W, padded.data() + ic * plane + (h + pad) * pw + pad);
+        }
+      }
+      A* zs = op + n * Co * H * W;
+      for (int64_t h = 0; h < H; ++h) {
+        for (int64_t w0 = 0; w0 < W; w0 += kBlock) {
+          for (int64_t o0 = 0; o0 < Co; o0 += kOut) {
+            dilated_tile(padded.data(), Ci, plane, pw, k, d, wp + o0 * Ci * k * k, bp + o0, std::min(kOut, Co - o0),
+                         std::min(kBlock, W - w0), h, w0, H * W, zs + o0 * H * W + h * W + w0);
+          }
+        }
+      }
+    }
+  });
+}
+
 }  // namespace
+
+Tensor bam_narrow_conv_cpu(const Tensor& a_in, const Tensor& weight, const Tensor& bias, int64_t dilation) {
+  const Layout layout = layout_of(a_in);
+  const Tensor a = in_layout(a_in, Layout::NCHW);
+  Tensor out = at::empty({a.size(0), weight.size(0), a.size(2), a.size(3)}, a.options());
+  if (out.numel() > 0) {
+    AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "attnkern_bam_narrow_conv_cpu", [&] {
+      dilated_conv_kernel<scalar_t>(a, weight.to(a.scalar_type()).contiguous(), bias.to(a.scalar_type()), dilation,
+                                    out);
+    });
+  }
+  return in_layout(out, layout);
+}
 
 std::pair<Tensor, Tensor> bam_pool_reduce_cpu(const Tensor& x_in, const Tensor& weight_in, const Tensor& bias_in) {
   constexpr const char* op = "attnkern::bam_pool_reduce";
