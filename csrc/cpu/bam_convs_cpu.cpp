@@ -59,6 +59,17 @@ inline void store_tile(const Vectorized<acc_t<T>> (&acc)[kR][kV], const Bias& bi
   }
 }
 
+// One input row's step of an NCHW tile (nchw_tile, dilated_tile): acc[r][v] += w[r * w_stride] *
+// in[v] for the kOut outputs, in: the row's kPixVecs vectors of pixels.
+template <typename A>
+inline void accumulate_row(const Vectorized<A> (&in)[kPixVecs], const A* w, int64_t w_stride,
+                           Vectorized<A> (&acc)[kOut][kPixVecs]) {
+  for (int64_t r = 0; r < kOut; ++r) {
+    const Vectorized<A> wv(w[r * w_stride]);
+    for (int64_t v = 0; v < kPixVecs; ++v) acc[r][v] = at::vec::fmadd(wv, in[v], acc[r][v]);
+  }
+}
+
 // One NCHW tile: outputs [o0, o0 + kOut) (w: their kOut rows of C weights) over `count` <=
 // kPixVecs * L pixels starting at xs (rows `stride` apart, whole vectors readable), stored from
 // zs (output rows HW apart) for the first `rows` outputs. kSum: also lane_sums[c * L + lane] +=
@@ -76,10 +87,7 @@ inline void nchw_tile(const T* xs, int64_t stride, int64_t C, const acc_t<T>* w,
   for (int64_t c = 0; c < C; ++c) {
     V in[kPixVecs];
     for (int64_t v = 0; v < kPixVecs; ++v) in[v] = vload(xs + c * stride + v * L);
-    for (int64_t r = 0; r < kOut; ++r) {
-      const V wv(w[r * C + c]);
-      for (int64_t v = 0; v < kPixVecs; ++v) acc[r][v] = at::vec::fmadd(wv, in[v], acc[r][v]);
-    }
+    accumulate_row(in, w + c, C, acc);
     if constexpr (kSum) {
       // This block reads C rows of x at once, far more streams than the hardware prefetchers
       // follow: ask for the next block's part of this row (its first, middle and last element,
@@ -251,10 +259,7 @@ inline void dilated_tile(const A* padded, int64_t Ci, int64_t plane, int64_t pw,
       for (int64_t j = 0; j < k; ++j, ++t) {
         V in[kPixVecs];
         for (int64_t v = 0; v < kPixVecs; ++v) in[v] = V::loadu(src + j * d + v * L);
-        for (int64_t r = 0; r < kOut; ++r) {
-          const V wv(w[r * taps + t]);
-          for (int64_t v = 0; v < kPixVecs; ++v) acc[r][v] = at::vec::fmadd(wv, in[v], acc[r][v]);
-        }
+        accumulate_row(in, w + t, taps, acc);
       }
     }
   }
