@@ -59,17 +59,6 @@ inline void store_tile(const Vectorized<acc_t<T>> (&acc)[kR][kV], const Bias& bi
   }
 }
 
-// One input row's step of an NCHW tile (nchw_tile, dilated_tile): acc[r][v] += w[r * w_stride] *
-// in[v] for the kOut outputs, in: the row's kPixVecs vectors of pixels.
-template <typename A>
-inline void accumulate_row(const Vectorized<A> (&in)[kPixVecs], const A* w, int64_t w_stride,
-                           Vectorized<A> (&acc)[kOut][kPixVecs]) {
-  for (int64_t r = 0; r < kOut; ++r) {
-    const Vectorized<A> wv(w[r * w_stride]);
-    for (int64_t v = 0; v < kPixVecs; ++v) acc[r][v] = at::vec::fmadd(wv, in[v], acc[r][v]);
-  }
-}
-
 // One NCHW tile: outputs [o0, o0 + kOut) (w: their kOut rows of C weights) over `count` <=
 // kPixVecs * L pixels starting at xs (rows `stride` apart, whole vectors readable), stored from
 // zs (output rows HW apart) for the first `rows` outputs. kSum: also lane_sums[c * L + lane] +=
@@ -238,6 +227,114 @@ void pool_reduce_kernel(const Tensor& x, Layout layout, const Tensor& weight, co
   avg.div_(static_cast<double>(HW));
 }
 
+// The reduce conv's weight grad, gw (Cr, C) += sum over hw of dr[k, hw] * x[c, hw] for one sample
+// (xs, drs: dr in acc, both in the sample's layout) and channels [c0, c0 + kCh) (those below C).
+// NCHW: tiles of kK rows of dr x kCh rows of x, pixel vectors summed lane-wise, then added up.
+template <typename T>
+void nchw_reduce_weight_grad(const T* xs, const acc_t<T>* drs, int64_t C, int64_t HW, int64_t Cr, int64_t c0,
+                             acc_t<T>* gw) {
+  using A = acc_t<T>;
+  using V = Vectorized<A>;
+  // 4 x 2: more accumulators made GCC keep one in memory, a loop-carried store and reload.
+  constexpr int64_t L = V::size(), kK = 4, kCh = 2;
+  const T* xr[kCh];  // rows past C repeat the last one; their sums are dropped
+  for (int64_t c = 0; c < kCh; ++c) xr[c] = xs + std::min(c0 + c, C - 1) * HW;
+  for (int64_t k0 = 0; k0 < Cr; k0 += kK) {
+    const A* dk[kK];
+    for (int64_t r = 0; r < kK; ++r) dk[r] = drs + std::min(k0 + r, Cr - 1) * HW;
+    V acc[kK][kCh];
+    for (auto& row : acc) {
+      for (auto& v : row) v = V(A(0));
+    }
+    for (int64_t j = 0; j < HW; j += L) {
+      const int64_t m = std::min(L, HW - j);
+      V in[kCh];
+      for (int64_t c = 0; c < kCh; ++c) in[c] = load_n(xr[c] + j, m);
+      for (int64_t r = 0; r < kK; ++r) {
+        const V d = load_acc_n(dk[r] + j, m);
+        for (int64_t c = 0; c < kCh; ++c) acc[r][c] = at::vec::fmadd(d, in[c], acc[r][c]);
+      }
+    }
+    // Summed with constant indices first: runtime-bounded reads of acc made GCC keep it in memory.
+    A sums[kK][kCh];
+    for (int64_t r = 0; r < kK; ++r) {
+      for (int64_t c = 0; c < kCh; ++c) sums[r][c] = hsum(acc[r][c]);
+    }
+    for (int64_t r = 0; r < std::min(kK, Cr - k0); ++r) {
+      for (int64_t c = 0; c < std::min(kCh, C - c0); ++c) gw[(k0 + r) * C + c0 + c] += sums[r][c];
+    }
+  }
+}
+
+// NHWC, pixel rows [p0, p1) of a sample into gw: tiles of kK channels of dr (broadcast) x kVecs
+// vectors of x's channels, the rows re-read from L2 for each tile.
+template <typename T>
+void nhwc_reduce_weight_grad(const T* xs, const acc_t<T>* drs, int64_t C, int64_t Cr, int64_t p0, int64_t p1,
+                             acc_t<T>* gw) {
+  using A = acc_t<T>;
+  using V = Vectorized<A>;
+  constexpr int64_t L = V::size(), kK = 6, kVecs = 2;
+  for (int64_t c0 = 0; c0 < C; c0 += kVecs * L) {
+    int64_t m[kVecs];
+    for (int64_t v = 0; v < kVecs; ++v) m[v] = std::clamp<int64_t>(C - c0 - v * L, 0, L);
+    for (int64_t k0 = 0; k0 < Cr; k0 += kK) {
+      int64_t kr[kK];  // channels past Cr repeat the last one; their sums are dropped
+      for (int64_t r = 0; r < kK; ++r) kr[r] = std::min(k0 + r, Cr - 1);
+      V acc[kK][kVecs];
+      for (auto& row : acc) {
+        for (auto& v : row) v = V(A(0));
+      }
+      for (int64_t p = p0; p < p1; ++p) {
+        V in[kVecs];
+        for (int64_t v = 0; v < kVecs; ++v) in[v] = load_n(xs + p * C + c0 + v * L, m[v]);
+        for (int64_t r = 0; r < kK; ++r) {
+          const V d(drs[p * Cr + kr[r]]);
+          for (int64_t v = 0; v < kVecs; ++v) acc[r][v] = at::vec::fmadd(d, in[v], acc[r][v]);
+        }
+      }
+      alignas(64) A sums[kK][kVecs * L];  // constant indices, as in nchw_reduce_weight_grad
+      for (int64_t r = 0; r < kK; ++r) {
+        for (int64_t v = 0; v < kVecs; ++v) acc[r][v].store(sums[r] + v * L);
+      }
+      for (int64_t r = 0; r < std::min(kK, Cr - k0); ++r) {
+        A* o = gw + (k0 + r) * C + c0;
+        for (int64_t j = 0; j < std::min(kVecs * L, C - c0); ++j) o[j] += sums[r][j];
+      }
+    }
+  }
+}
+
+// NCHW: threads own channel blocks (no reduction across them), each walking the samples in order.
+// NHWC: tasks of (sample, chunk of pixel rows), which read x in storage order, each into its own
+// partial gw, added up in task order.
+template <typename T>
+void reduce_weight_grad_kernel(const Tensor& x, Layout layout, const Tensor& dr, const Tensor& gw) {
+  using A = acc_t<T>;
+  const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3), Cr = dr.size(1);
+  const T* xp = x.const_data_ptr<T>();
+  const A* dp = dr.const_data_ptr<A>();
+  A* gp = gw.data_ptr<A>();
+  if (layout == Layout::NCHW) {
+    constexpr int64_t kBlock = 2;  // nchw_reduce_weight_grad's channels
+    at::parallel_for(0, divup(C, kBlock), task_grain(N * HW * kBlock * Cr), [&](int64_t b0, int64_t b1) {
+      for (int64_t n = 0; n < N; ++n) {
+        for (int64_t b = b0; b < b1; ++b) {
+          nchw_reduce_weight_grad(xp + n * C * HW, dp + n * Cr * HW, C, HW, Cr, b * kBlock, gp);
+        }
+      }
+    });
+    return;
+  }
+  const Tasks tk = nhwc_chunks(N, C, HW);
+  std::vector<A> partials(tk.count() * Cr * C, A(0));
+  run_tasks(tk, divup(HW, tk.nch) * C * Cr, [&](int64_t t, int64_t n, int64_t p0, int64_t p1) {
+    nhwc_reduce_weight_grad(xp + n * HW * C, dp + n * HW * Cr, C, Cr, p0, p1, partials.data() + t * Cr * C);
+  });
+  for (int64_t t = 0; t < tk.count(); ++t) {
+    for (int64_t i = 0; i < Cr * C; ++i) gp[i] += partials[t * Cr * C + i];
+  }
+}
+
 // One tile of a dilated k x k conv over a zero-padded NCHW sample (Ci planes of rows `pw` apart,
 // `plane` apart): outputs [o0, o0 + kOut) (w: their rows of Ci * k * k taps) at output row h,
 // columns [w0, w0 + count), acc[r][v] = sum over (ic, i, j) of w * padded[ic][h + i d][w0 + j d +
@@ -266,11 +363,35 @@ inline void dilated_tile(const A* padded, int64_t Ci, int64_t plane, int64_t pw,
   store_tile<A>(acc, [&](int64_t r, int64_t) { return V(bias[r]); }, rows, HW, count, zs);
 }
 
+// A zero-padded copy of a sample's planes (H x W) for a dilated k x k conv: `pad` more rows and
+// columns on every side, rows `pw` apart with `slack` more zero columns on the right (so that whole
+// vectors past the last column read zeros), planes `plane` apart.
+struct Padding {
+  int64_t pad, pw, plane;
+};
+
+inline Padding padding_for(int64_t H, int64_t W, int64_t k, int64_t d, int64_t slack) {
+  const int64_t pad = d * (k / 2), pw = W + 2 * pad + slack;
+  return {pad, pw, (H + 2 * pad) * pw};
+}
+
+// Sample n of an NCHW map (Ci planes) into `padded`, whose border and slack stay as they are (zero).
+template <typename A>
+void pad_sample(const A* ap, int64_t n, int64_t Ci, int64_t H, int64_t W, const Padding& pd, A* padded) {
+  for (int64_t ic = 0; ic < Ci; ++ic) {
+    for (int64_t h = 0; h < H; ++h) {
+      const A* row = ap + ((n * Ci + ic) * H + h) * W;
+      std::copy(row, row + W, padded + ic * pd.plane + (h + pd.pad) * pd.pw + pd.pad);
+    }
+  }
+}
+
 template <typename A>
 void dilated_conv_kernel(const Tensor& a, const Tensor& weight, const Tensor& bias, int64_t d, const Tensor& out) {
   constexpr int64_t L = Vectorized<A>::size(), kBlock = kPixVecs * L;
   const int64_t N = a.size(0), Ci = a.size(1), H = a.size(2), W = a.size(3), Co = weight.size(0), k = weight.size(2);
-  const int64_t pad = d * (k / 2), ph = H + 2 * pad, pw = W + 2 * pad + kBlock, plane = ph * pw;
+  const Padding pd = padding_for(H, W, k, d, kBlock);
+  const int64_t pw = pd.pw, plane = pd.plane;
   const int64_t Co_pad = divup(Co, kOut) * kOut;
   const Tensor w_pad = at::zeros({Co_pad, Ci * k * k}, weight.options());
   w_pad.narrow(0, 0, Co).copy_(weight.reshape({Co, -1}));
@@ -283,12 +404,7 @@ void dilated_conv_kernel(const Tensor& a, const Tensor& weight, const Tensor& bi
   at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
     std::vector<A> padded(Ci * plane, A(0));  // the border and the slack stay zero
     for (int64_t n = n0; n < n1; ++n) {
-      for (int64_t ic = 0; ic < Ci; ++ic) {
-        for (int64_t h = 0; h < H; ++h) {
-          const A* row = ap + ((n * Ci + ic) * H + h) * W;
-          std::copy(row, row + W, padded.data() + ic * plane + (h + pad) * pw + pad);
-        }
-      }
+      pad_sample(ap, n, Ci, H, W, pd, padded.data());
       A* zs = op + n * Co * H * W;
       for (int64_t h = 0; h < H; ++h) {
         for (int64_t w0 = 0; w0 < W; w0 += kBlock) {
@@ -302,7 +418,76 @@ void dilated_conv_kernel(const Tensor& a, const Tensor& weight, const Tensor& bi
   });
 }
 
+// The weight grad of a dilated 3 x 3 conv ('same', stride 1): gw[o][i][ty][tx] = sum over n, h, w
+// of g[n, o, h, w] * padded a[n, i, h + ty d, w + tx d]. Threads take samples, whose partial
+// grads are added in sample order; per sample, for each block of kOut outputs, input channel and
+// tap row, a kOut x 3 tile of sums along the pixel rows.
+template <typename A>
+void dilated_weight_grad_kernel(const Tensor& g, const Tensor& a, int64_t d, const Tensor& gw) {
+  using V = Vectorized<A>;
+  constexpr int64_t L = V::size(), k = kWeightGradTaps;
+  const int64_t N = a.size(0), Ci = a.size(1), H = a.size(2), W = a.size(3), Co = g.size(1), HW = H * W;
+  const Padding pd = padding_for(H, W, k, d, L);
+  const int64_t per_sample = Co * Ci * k * k;
+  std::vector<A> partials(N * per_sample);
+  const A* ap = a.const_data_ptr<A>();
+  const A* gp = g.const_data_ptr<A>();
+  at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
+    std::vector<A> padded(Ci * pd.plane, A(0));
+    for (int64_t n = n0; n < n1; ++n) {
+      pad_sample(ap, n, Ci, H, W, pd, padded.data());
+      A* out = partials.data() + n * per_sample;
+      for (int64_t o0 = 0; o0 < Co; o0 += kOut) {
+        const A* grow[kOut];  // outputs past Co repeat the last one; their sums are dropped
+        for (int64_t r = 0; r < kOut; ++r) grow[r] = gp + (n * Co + std::min(o0 + r, Co - 1)) * HW;
+        for (int64_t i = 0; i < Ci; ++i) {
+          for (int64_t ty = 0; ty < k; ++ty) {
+            V acc[kOut][k];
+            for (auto& row : acc) {
+              for (auto& v : row) v = V(A(0));
+            }
+            for (int64_t h = 0; h < H; ++h) {
+              const A* arow = padded.data() + i * pd.plane + (h + ty * d) * pd.pw;
+              for (int64_t w0 = 0; w0 < W; w0 += L) {
+                const int64_t m = std::min(L, W - w0);  // g's missing lanes load as zero
+                V in[k];
+                for (int64_t tx = 0; tx < k; ++tx) in[tx] = V::loadu(arow + w0 + tx * d);
+                for (int64_t r = 0; r < kOut; ++r) {
+                  const V gv = load_acc_n(grow[r] + h * W + w0, m);
+                  for (int64_t tx = 0; tx < k; ++tx) acc[r][tx] = at::vec::fmadd(gv, in[tx], acc[r][tx]);
+                }
+              }
+            }
+            A sums[kOut][k];  // constant indices (see nchw_reduce_weight_grad)
+            for (int64_t r = 0; r < kOut; ++r) {
+              for (int64_t tx = 0; tx < k; ++tx) sums[r][tx] = hsum(acc[r][tx]);
+            }
+            for (int64_t r = 0; r < std::min(kOut, Co - o0); ++r) {
+              std::copy(sums[r], sums[r] + k, out + (((o0 + r) * Ci + i) * k + ty) * k);
+            }
+          }
+        }
+      }
+    }
+  });
+  A* gwp = gw.data_ptr<A>();
+  std::fill_n(gwp, per_sample, A(0));
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t j = 0; j < per_sample; ++j) gwp[j] += partials[n * per_sample + j];
+  }
+}
+
 }  // namespace
+
+Tensor bam_conv_weight_grad_cpu(const Tensor& grad, const Tensor& a_in, int64_t dilation) {
+  TORCH_INTERNAL_ASSERT(use_vec_kernels() && grad.scalar_type() == a_in.scalar_type());
+  const Tensor a = in_layout(a_in, Layout::NCHW);
+  const Tensor g = in_layout(grad, Layout::NCHW);
+  Tensor gw = at::empty({g.size(1), a.size(1), kWeightGradTaps, kWeightGradTaps}, a.options());
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "attnkern_bam_conv_weight_grad_cpu",
+                             [&] { dilated_weight_grad_kernel<scalar_t>(g, a, dilation, gw); });
+  return gw;
+}
 
 Tensor bam_narrow_conv_cpu(const Tensor& a_in, const Tensor& weight, const Tensor& bias, int64_t dilation) {
   const Layout layout = layout_of(a_in);
@@ -315,6 +500,19 @@ Tensor bam_narrow_conv_cpu(const Tensor& a_in, const Tensor& weight, const Tenso
     });
   }
   return in_layout(out, layout);
+}
+
+Tensor bam_reduce_weight_grad_cpu(const Tensor& x_in, const Tensor& grad_output) {
+  TORCH_INTERNAL_ASSERT(use_vec_kernels() && grad_output.scalar_type() == acc_type_of(x_in.scalar_type()));
+  const Layout layout = layout_of(x_in);
+  const Tensor x = in_layout(x_in, layout);
+  const Tensor dr = in_layout(grad_output, layout);
+  Tensor gw = at::zeros({dr.size(1), x.size(1)}, dr.options().memory_format(at::MemoryFormat::Contiguous));
+  if (x.numel() > 0 && gw.numel() > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "attnkern_bam_reduce_weight_grad_cpu",
+                                    [&] { reduce_weight_grad_kernel<scalar_t>(x, layout, dr, gw); });
+  }
+  return gw;
 }
 
 std::pair<Tensor, Tensor> bam_pool_reduce_cpu(const Tensor& x_in, const Tensor& weight_in, const Tensor& bias_in) {

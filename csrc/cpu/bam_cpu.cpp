@@ -35,6 +35,39 @@ inline Vectorized<float> reciprocal_ge1(const Vectorized<float>& d) {
 }
 #endif
 
+// 1 / (1 + exp(-a)), for finite a (the callers handle the rest).
+template <typename A>
+inline Vectorized<A> sigmoid(const Vectorized<A>& a) {
+  const Vectorized<A> one(A(1));
+  return one / (one + (Vectorized<A>(A(0)) - a).exp_u20());
+}
+#if defined(CPU_CAPABILITY_AVX2)
+// AVX2 float: exp(-a) = 2^t, t = -a log2(e) clamped to [-126, 115], as 2^round(t) (built in the
+// exponent bits) times a degree-5 polynomial in the remainder (relative error 8e-8, fitted on [-0.5,
+// 0.5]). As accurate as at::vec's exp_u20 and fewer instructions: the product combine on
+// 8x256x28x28 went from 0.83 to 0.54 ms (1 thread, in cache). A refined reciprocal estimate in
+// place of the division was slower (benchmarks/NOTES.md).
+template <>
+inline Vectorized<float> sigmoid(const Vectorized<float>& a) {
+  const __m256 magic = _mm256_set1_ps(12582912.f);  // 1.5 * 2^23: adding it rounds to an integer
+  __m256 t = _mm256_mul_ps(a, _mm256_set1_ps(-1.44269504f));
+  t = _mm256_max_ps(_mm256_min_ps(t, _mm256_set1_ps(115.f)), _mm256_set1_ps(-126.f));
+  const __m256 shifted = _mm256_add_ps(t, magic);
+  const __m256 r = _mm256_sub_ps(t, _mm256_sub_ps(shifted, magic));  // in [-0.5, 0.5]
+  __m256 p = _mm256_set1_ps(1.3266970386e-3f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(9.6754597455e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.5507426160e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(2.4022121754e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(6.9314694916e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0000000710f));
+  // The low bits of `shifted` hold round(t): shifted into the exponent field, plus the bias.
+  const __m256i scale = _mm256_add_epi32(_mm256_slli_epi32(_mm256_castps_si256(shifted), 23),
+                                         _mm256_set1_epi32(127 << 23));
+  const __m256 one = _mm256_set1_ps(1.f);
+  return _mm256_div_ps(one, _mm256_fmadd_ps(p, _mm256_castsi256_ps(scale), one));
+}
+#endif
+
 // M = sigmoid(a) = 1 / (1 + exp(-a)) for one vector; c and s are the channel and spatial operands
 // (ec, es for kFactored; ca, sa otherwise).
 template <int kMode, bool kSafe, typename A>
@@ -45,7 +78,7 @@ inline Vectorized<A> attention(const Vectorized<A>& c, const Vectorized<A>& s) {
     return reciprocal_ge1(at::vec::fmadd(c, s, one));  // c * s = exp(-ca - sa) <= e^80
   } else {
     const V a = kMode == kSum ? c + s : c * s;
-    V r = one / (one + (V(A(0)) - a).exp_u20());
+    V r = sigmoid(a);
     if constexpr (kSafe) {
       const V inf(std::numeric_limits<A>::infinity());
       r = V::blendv(r, one, a == inf);
@@ -119,6 +152,156 @@ void combine_kernel(const at::Tensor& src, Layout layout, const Maps<acc_t<T>>& 
         }
         return y;
       });
+    }
+  });
+}
+
+// ---- bam_input_grad with the reduce conv's input gradient ------------------------------------
+
+// The reduce conv's terms of dx: dx[n, c, hw] += sum_k w[k, c] * dr[n, k, hw], with w (Cr, C_pad)
+// rows (C_pad a whole number of tiles, the extra columns zero) and dr (the grad of the conv's
+// output) in acc and in x's layout.
+template <typename A>
+struct ReduceTerms {
+  const A* w;
+  int64_t C_pad;
+  const A* dr;
+  int64_t Cr;
+};
+
+constexpr int64_t kChanTile = 4, kPixTile = 3;  // NCHW tile: channels x vectors of pixels
+constexpr int64_t kRowTile = 6, kColTile = 2;   // NHWC tile: pixels x vectors of channels
+
+// dx for channels [c0, c0 + rows) of sample n at pixels [p0, p0 + count), count <= kPixTile * L;
+// kFull: count is the whole tile. The kChanTile x kPixTile sums over k are kept in registers and
+// added as each element of dx is written.
+template <typename T, int kMode, bool kSafe, bool kFull>
+inline void nchw_reduce_grad_tile(const T* grad, const Maps<acc_t<T>>& maps, const acc_t<T>* add,
+                                  const ReduceTerms<acc_t<T>>& rt, int64_t C, int64_t HW, int64_t n, int64_t c0,
+                                  int64_t rows, int64_t p0, int64_t count, T* out) {
+  using A = acc_t<T>;
+  using V = Vectorized<A>;
+  constexpr int64_t L = V::size();
+  const auto cnt = [&](int64_t v) { return kFull ? L : std::clamp<int64_t>(count - v * L, 0, L); };
+  V acc[kChanTile][kPixTile];
+  for (auto& row : acc) {
+    for (auto& v : row) v = V(A(0));
+  }
+  const A* dr = rt.dr + n * rt.Cr * HW + p0;
+  for (int64_t k = 0; k < rt.Cr; ++k) {
+    V in[kPixTile];
+    for (int64_t v = 0; v < kPixTile; ++v) in[v] = load_acc_n(dr + k * HW + v * L, cnt(v));
+    accumulate_row(in, rt.w + k * rt.C_pad + c0, 1, acc);
+  }
+  const A* s = maps.s + n * HW + p0;
+  for (int64_t r = 0; r < kChanTile; ++r) {
+    if (r >= rows) {
+      break;
+    }
+    const int64_t q = n * C + c0 + r;
+    const V cv(maps.c[q]);
+    const V addv(add[q]);
+    const T* g = grad + q * HW + p0;
+    T* o = out + q * HW + p0;
+    for (int64_t v = 0; v < kPixTile; ++v) {
+      const int64_t m = cnt(v);
+      if (m > 0) {
+        const V gv = load_n(g + v * L, m);
+        const V y = at::vec::fmadd(gv, attention<kMode, kSafe>(cv, load_acc_n(s + v * L, m)), gv) + addv + acc[r][v];
+        m == L ? vstore(o + v * L, y) : vstore(o + v * L, y, m);
+      }
+    }
+  }
+}
+
+// dx for kRows pixel rows of an NHWC sample (row: the first one's index in N * HW) at channels
+// [c0, c0 + kColTile * L) (those below C; kFull: all of them).
+template <int64_t kRows, bool kFull, typename T, int kMode, bool kSafe>
+inline void nhwc_reduce_grad_tile(const T* grad, const Maps<acc_t<T>>& maps, const acc_t<T>* add,
+                                  const ReduceTerms<acc_t<T>>& rt, int64_t C, int64_t n, int64_t row, int64_t c0,
+                                  T* out) {
+  using A = acc_t<T>;
+  using V = Vectorized<A>;
+  constexpr int64_t L = V::size();
+  V acc[kRows][kColTile];
+  for (auto& r : acc) {
+    for (auto& v : r) v = V(A(0));
+  }
+  const A* dr = rt.dr + row * rt.Cr;
+  for (int64_t k = 0; k < rt.Cr; ++k) {
+    V wv[kColTile];
+    for (int64_t v = 0; v < kColTile; ++v) wv[v] = V::loadu(rt.w + k * rt.C_pad + c0 + v * L);
+    for (int64_t p = 0; p < kRows; ++p) {
+      const V d(dr[p * rt.Cr + k]);
+      for (int64_t v = 0; v < kColTile; ++v) acc[p][v] = at::vec::fmadd(d, wv[v], acc[p][v]);
+    }
+  }
+  const A* cm = maps.c + n * C;
+  const A* addr = add + n * C;
+  for (int64_t p = 0; p < kRows; ++p) {
+    const V sv(maps.s[row + p]);
+    const T* g = grad + (row + p) * C;
+    T* o = out + (row + p) * C;
+    for (int64_t v = 0; v < kColTile; ++v) {
+      const int64_t c = c0 + v * L, m = kFull ? L : std::min(L, C - c);
+      if (m > 0) {
+        const V gv = load_n(g + c, m);
+        const V att = attention<kMode, kSafe>(load_acc_n(cm + c, m), sv);
+        const V y = at::vec::fmadd(gv, att, gv) + load_acc_n(addr + c, m) + acc[p][v];
+        m == L ? vstore(o + c, y) : vstore(o + c, y, m);
+      }
+    }
+  }
+}
+
+// out = grad * (1 + M) + add[n, c] + the reduce conv's terms (rt), one pass writing out.
+template <typename T, int kMode, bool kSafe>
+void reduce_input_grad_kernel(const at::Tensor& grad, Layout layout, const Maps<acc_t<T>>& maps, const acc_t<T>* add,
+                              const ReduceTerms<acc_t<T>>& rt, const at::Tensor& out) {
+  using A = acc_t<T>;
+  constexpr int64_t L = Vectorized<A>::size();
+  const int64_t N = grad.size(0), C = grad.size(1), HW = grad.size(2) * grad.size(3);
+  const T* gp = grad.const_data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  if (layout == Layout::NCHW) {
+    // Tasks of kChanTile planes of one sample, walked along HW: a few streams each, the sample's dr
+    // re-read from L2.
+    constexpr int64_t kBlock = kPixTile * L;
+    const int64_t blocks = divup(C, kChanTile);
+    at::parallel_for(0, N * blocks, task_grain(kChanTile * HW), [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t n = t / blocks, c0 = (t % blocks) * kChanTile, rows = std::min(kChanTile, C - c0);
+        int64_t p0 = 0;
+        for (; p0 + kBlock <= HW; p0 += kBlock) {
+          nchw_reduce_grad_tile<T, kMode, kSafe, true>(gp, maps, add, rt, C, HW, n, c0, rows, p0, kBlock, op);
+        }
+        if (p0 < HW) {
+          nchw_reduce_grad_tile<T, kMode, kSafe, false>(gp, maps, add, rt, C, HW, n, c0, rows, p0, HW - p0, op);
+        }
+      }
+    });
+    return;
+  }
+  const Tasks tk = nhwc_chunks(N, C, HW);
+  constexpr int64_t kCols = kColTile * L;
+  const int64_t full_cols = C / kCols * kCols;
+  // Whole column tiles without the bounds (their branches made GCC keep the tile in memory).
+  const auto rows = [&](auto rows_c, int64_t n, int64_t row) {
+    constexpr int64_t kRows = decltype(rows_c)::value;
+    for (int64_t c0 = 0; c0 < full_cols; c0 += kCols) {
+      nhwc_reduce_grad_tile<kRows, true, T, kMode, kSafe>(gp, maps, add, rt, C, n, row, c0, op);
+    }
+    if (full_cols < C) {
+      nhwc_reduce_grad_tile<kRows, false, T, kMode, kSafe>(gp, maps, add, rt, C, n, row, full_cols, op);
+    }
+  };
+  run_tasks(tk, (2 + rt.Cr / L) * divup(HW, tk.nch) * C, [&](int64_t, int64_t n, int64_t r0, int64_t r1) {
+    int64_t p = r0;
+    for (; p + kRowTile <= r1; p += kRowTile) {
+      rows(std::integral_constant<int64_t, kRowTile>(), n, n * HW + p);
+    }
+    for (; p < r1; ++p) {
+      rows(std::integral_constant<int64_t, 1>(), n, n * HW + p);
     }
   });
 }
@@ -368,9 +551,17 @@ Tensor bam_combine_cpu(const Tensor& x_in, const Tensor& ca_in, const Tensor& sa
 
 namespace {
 
-// bam_input_grad; into_partial: dx overwrites grad_x_partial (in x's layout) element by element.
+// The reduce conv's part of dx, computed inside the pass (bam_input_grad_reduce_cpu).
+struct ReduceGrad {
+  Tensor weight;       // (Cr, C) or (Cr, C, 1, 1)
+  Tensor grad_output;  // (N, Cr, H, W), acc
+};
+
+// bam_input_grad; into_partial: dx overwrites grad_x_partial (in x's layout) element by element;
+// reduce: the reduce conv's input gradient is added in the pass (then no partial).
 Tensor input_grad(const Tensor& grad_in, const Tensor& x_in, const Tensor& ca_in, const Tensor& sa_in, bool product,
-                  const optional<Tensor>& ga_in, const optional<Tensor>& partial_in, bool into_partial) {
+                  const optional<Tensor>& ga_in, const optional<Tensor>& partial_in, bool into_partial,
+                  const ReduceGrad* reduce = nullptr) {
   constexpr const char* op = "attnkern::bam_input_grad";
   const Args a = prepare(op, x_in, ca_in, sa_in);
   check_like_x(op, "grad", grad_in, x_in);
@@ -381,6 +572,7 @@ Tensor input_grad(const Tensor& grad_in, const Tensor& x_in, const Tensor& ca_in
   if (partial_in.has_value()) {
     check_like_x(op, "grad_x_partial", *partial_in, x_in);
   }
+  TORCH_INTERNAL_ASSERT(reduce == nullptr || (use_vec_kernels() && !partial_in.has_value() && ga.has_value()));
   if (!use_vec_kernels()) {
     auto dx = acc(grad_in) * (1 + attention_ref(a.ca, a.sa, product));
     if (ga.has_value()) {
@@ -414,8 +606,29 @@ Tensor input_grad(const Tensor& grad_in, const Tensor& x_in, const Tensor& ca_in
     }
     const A* gap = ga.has_value() ? ga_hw.data() : nullptr;
     const scalar_t* pp = partial.has_value() ? partial->const_data_ptr<scalar_t>() : nullptr;
+    Tensor w_pad, dr;  // ReduceTerms' storage
+    optional<ReduceTerms<A>> rt;
+    if (reduce != nullptr) {
+      const int64_t C = x_in.size(1);
+      const Tensor w = reduce->weight.reshape({-1, C});
+      const int64_t Cr = w.size(0);
+      constexpr int64_t kTileCols = kColTile * Vectorized<A>::size();  // a multiple of kChanTile
+      // The weights as the reduce conv took them (in x's dtype), held in acc.
+      w_pad = at::zeros({Cr, divup(C, kTileCols) * kTileCols}, w.options().dtype(a.acc));
+      w_pad.narrow(1, 0, C).copy_(w.to(x_in.scalar_type()));
+      dr = in_layout(reduce->grad_output, a.layout);
+      TORCH_INTERNAL_ASSERT(dr.scalar_type() == a.acc && dr.size(0) == x_in.size(0) && dr.size(1) == Cr &&
+                            dr.size(2) == x_in.size(2) && dr.size(3) == x_in.size(3));
+      rt = ReduceTerms<A>{w_pad.const_data_ptr<A>(), w_pad.size(1), dr.const_data_ptr<A>(), Cr};
+    }
     with_mode(plan.mode, plan.safe, [&](auto kmode, auto ksafe) {
-      combine_kernel<scalar_t, decltype(kmode)::value, decltype(ksafe)::value>(grad, a.layout, plan.maps, gap, pp, dx);
+      constexpr int kMode = decltype(kmode)::value;
+      constexpr bool kSafe = decltype(ksafe)::value;
+      if (rt.has_value()) {
+        reduce_input_grad_kernel<scalar_t, kMode, kSafe>(grad, a.layout, plan.maps, gap, *rt, dx);
+      } else {
+        combine_kernel<scalar_t, kMode, kSafe>(grad, a.layout, plan.maps, gap, pp, dx);
+      }
     });
   });
   return dx;
@@ -426,6 +639,12 @@ Tensor input_grad(const Tensor& grad_in, const Tensor& x_in, const Tensor& ca_in
 Tensor bam_input_grad_cpu(const Tensor& grad, const Tensor& x, const Tensor& ca, const Tensor& sa, bool product,
                           const optional<Tensor>& grad_avg, const optional<Tensor>& grad_x_partial) {
   return input_grad(grad, x, ca, sa, product, grad_avg, grad_x_partial, false);
+}
+
+Tensor bam_input_grad_reduce_cpu(const Tensor& grad, const Tensor& x, const Tensor& ca, const Tensor& sa, bool product,
+                                 const Tensor& grad_avg, const Tensor& reduce_weight, const Tensor& grad_reduce) {
+  const ReduceGrad reduce{reduce_weight, grad_reduce};
+  return input_grad(grad, x, ca, sa, product, grad_avg, std::nullopt, false, &reduce);
 }
 
 Tensor bam_input_grad_into_partial_cpu(const Tensor& grad, const Tensor& x, const Tensor& ca, const Tensor& sa,

@@ -108,15 +108,26 @@ Tensor conv(const Tensor& a, const Tensor& weight, const Tensor& bias, int64_t d
 
 // Computes a stack's first conv in place of conv(): (a, weight, bias) -> the output in acc.
 using FirstConv = std::function<Tensor(const Tensor&, const Tensor&, const Tensor&)>;
+// And its backward in place of conv_backward(): (grad in acc, a, weight in acc) -> (grad_a, or
+// undefined where the caller adds it into dx itself; grad_weight).
+using FirstConvBackward = std::function<std::pair<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&)>;
 
 std::pair<Tensor, Tensor> conv_backward(const Tensor& grad, const Tensor& a, const Tensor& weight, int64_t dilation) {
   if (is_pointwise(weight)) {
     return pointwise_backward(grad, a, weight);
   }
   const bool narrow = narrow_conv(a, weight) && grad.scalar_type() == a.scalar_type();
-  auto [grad_a, grad_weight, unused] =
-      at::convolution_backward(grad, a, weight, std::nullopt, {1, 1}, padding(weight, dilation),
-                               {dilation, dilation}, false, {0, 0}, 1, {!narrow, true, false});
+  // At 16 channels and more oneDNN's weight grad is the faster one (benchmarks/NOTES.md).
+  const bool our_weight_grad = narrow && weight.size(2) == kWeightGradTaps;
+  Tensor grad_a, grad_weight;
+  if (!our_weight_grad) {
+    std::tie(grad_a, grad_weight, std::ignore) =
+        at::convolution_backward(grad, a, weight, std::nullopt, {1, 1}, padding(weight, dilation),
+                                 {dilation, dilation}, false, {0, 0}, 1, {!narrow, true, false});
+  }
+  if (our_weight_grad) {
+    grad_weight = bam_conv_weight_grad_cpu(grad, a, dilation);
+  }
   if (narrow) {
     // A stride-1 'same' conv's input grad is the same conv of grad with the taps flipped and the
     // channels swapped; oneDNN took 1.9 ms for it on NCHW 8x4x56x56, ~8x its forward.
@@ -124,6 +135,13 @@ std::pair<Tensor, Tensor> conv_backward(const Tensor& grad, const Tensor& a, con
                                  dilation);
   }
   return {grad_a, grad_weight};
+}
+
+// Whether the 1x1 reduce conv runs in the kernels of bam_convs_cpu.cpp (bam_pool_reduce_cpu
+// forward; bam_reduce_weight_grad_cpu and bam_input_grad_reduce_cpu backward, which need the vector
+// kernels): a 1x1 conv with weights of at most kPoolReduceMaxWeightBytes.
+bool reduce_in_kernels(const Tensor& weight, at::ScalarType acc) {
+  return is_pointwise(weight) && weight.numel() * c10::elementSize(acc) <= kPoolReduceMaxWeightBytes;
 }
 
 struct Bn {
@@ -209,10 +227,10 @@ struct StackGrads {
 };
 
 // The backward of stack_forward; bns carry the statistics each BN normalised with (ops/bam.py
-// _stack_backward).
+// _stack_backward). `first`, when given, computes the first conv's backward.
 StackGrads stack_backward(const Tensor& grad_logits, const Tensor& inp, const vector<Tensor>& weights,
                           TensorList biases, const vector<Bn>& bns, TensorList hidden, int64_t dilation,
-                          at::ScalarType acc) {
+                          at::ScalarType acc, const FirstConvBackward& first = nullptr) {
   const size_t num_hidden = bns.size();
   vector<Affine> affine;
   vector<Tensor> acts{inp};
@@ -247,7 +265,8 @@ StackGrads stack_backward(const Tensor& grad_logits, const Tensor& inp, const ve
     }
     const Tensor& a_in = acts[k];
     auto [grad_in, grad_weight] =
-        conv_backward(g.to(a_in.scalar_type()), a_in, conv_weight.to(a_in.scalar_type()), dilation);
+        k == 0 && first ? first(g, a_in, conv_weight)
+                        : conv_backward(g.to(a_in.scalar_type()), a_in, conv_weight.to(a_in.scalar_type()), dilation);
     grad_weight = grad_weight.to(acc);
     // A bias before a batch-statistics BN cancels out of the output: its gradient is exactly zero.
     Tensor grad_bias = bn != nullptr && bn->training ? at::zeros({g.size(1)}, g.options()) : g.sum({0, 2, 3});
@@ -308,7 +327,7 @@ ForwardOutputs bam_fused_forward_cpu(const Tensor& x_in, TensorList weights, Ten
   // weights; see bam_pool_reduce_cpu).
   Tensor avg;
   const FirstConv pool_and_reduce = [&](const Tensor& a, const Tensor& weight, const Tensor& bias) {
-    if (!is_pointwise(weight) || weight.numel() * c10::elementSize(acc) > kPoolReduceMaxWeightBytes) {
+    if (!reduce_in_kernels(weight, acc)) {
       avg = std::get<0>(channel_pool_cpu(a, false));
       return conv(a, weight, bias, dilation, acc);
     }
@@ -353,12 +372,27 @@ BackwardOutputs bam_fused_backward_cpu(const Tensor& grad_in, const Tensor& x_in
   const StackGrads channel =
       stack_backward(grad_channel.view({n, c, 1, 1}), avg.view({n, c, 1, 1}), channel_weights(weights),
                      biases.slice(0, kChannelLayers), {bns[0]}, hidden.slice(0, 1), 1, acc);
+  // The 1x1 reduce conv's input gradient is added inside dx's pass where the forward's kernel
+  // took that conv (bam_input_grad_reduce_cpu), and its weight grad is ours too.
+  Tensor grad_reduce, reduce_weight;
+  const FirstConvBackward reduce_backward = [&](const Tensor& g, const Tensor& a, const Tensor& weight) {
+    if (!use_vec_kernels() || !reduce_in_kernels(weight, acc)) {
+      return conv_backward(g.to(a.scalar_type()), a, weight.to(a.scalar_type()), dilation);
+    }
+    grad_reduce = g;
+    reduce_weight = weight;
+    return std::pair<Tensor, Tensor>{Tensor(), bam_reduce_weight_grad_cpu(a, g).view(weight.sizes())};
+  };
   const StackGrads spatial =
       stack_backward(grad_spatial.view({n, 1, h, w}), x, spatial_weights(weights), biases.slice(kChannelLayers),
-                     vector<Bn>(bns.begin() + 1, bns.end()), hidden.slice(1), dilation, acc);
-  // The reduce conv's input gradient is this op's own temporary: dx overwrites it.
-  Tensor dx = bam_input_grad_into_partial_cpu(grad, x, channel_att, spatial_att, product,
-                                              channel.grad_input.view({n, c}), spatial.grad_input);
+                     vector<Bn>(bns.begin() + 1, bns.end()), hidden.slice(1), dilation, acc, reduce_backward);
+  const Tensor grad_avg = channel.grad_input.view({n, c});
+  // Otherwise the reduce conv's input gradient is this op's own temporary: dx overwrites it.
+  Tensor dx = grad_reduce.defined()
+                  ? bam_input_grad_reduce_cpu(grad, x, channel_att, spatial_att, product, grad_avg, reduce_weight,
+                                              grad_reduce)
+                  : bam_input_grad_into_partial_cpu(grad, x, channel_att, spatial_att, product, grad_avg,
+                                                    spatial.grad_input);
   return {dx, like_params(concat(channel.weights, spatial.weights), weights),
           like_params(concat(channel.biases, spatial.biases), biases),
           like_params(concat(channel.gammas, spatial.gammas), bn_weights),

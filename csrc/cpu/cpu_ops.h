@@ -95,6 +95,10 @@ std::tuple<at::Tensor, at::Tensor> spatial_conv_backward_cpu(const at::Tensor& g
 constexpr int64_t kPoolReduceMaxWeightBytes = 64 * 1024;
 std::pair<at::Tensor, at::Tensor> bam_pool_reduce_cpu(const at::Tensor& x, const at::Tensor& weight,
                                                       const at::Tensor& bias);
+// The reduce conv's weight grad, (Cr, C) in acc: sum over n, hw of grad_output[n, k, hw] * x[n, c,
+// hw], grad_output (N, Cr, H, W) in acc. ATen's GEMM for it (Cr = 4-16 rows) reached a third of
+// this CPU's FMA rate. Needs the vector kernels.
+at::Tensor bam_reduce_weight_grad_cpu(const at::Tensor& x, const at::Tensor& grad_output);
 // BAM's dilated k x k convs ('same' padding, stride 1) on narrow maps (a: float / double, any
 // layout; the output in a's layout): conv(a, weight (Co, Ci, k, k)) + bias. oneDNN runs 4-channel
 // maps at ~14 % of this CPU's FMA rate; register tiles (4 outputs x 24 pixels) do better up to
@@ -102,6 +106,12 @@ std::pair<at::Tensor, at::Tensor> bam_pool_reduce_cpu(const at::Tensor& x, const
 constexpr int64_t kNarrowConvChannels = 8;
 at::Tensor bam_narrow_conv_cpu(const at::Tensor& a, const at::Tensor& weight, const at::Tensor& bias,
                                int64_t dilation);
+// The weight grad of BAM's dilated 3 x 3 convs on the same narrow maps ('same', stride 1; grad and
+// a float / double, the same dtype, any layout): (Co, Ci, 3, 3) in a's dtype. oneDNN's (im2col and
+// a GEMM) took 0.38 ms on NCHW 8x4x56x56, these tiles 0.08 (benchmarks/NOTES.md). Needs the vector
+// kernels.
+constexpr int64_t kWeightGradTaps = 3;
+at::Tensor bam_conv_weight_grad_cpu(const at::Tensor& grad, const at::Tensor& a, int64_t dilation);
 at::Tensor bam_combine_cpu(const at::Tensor& x, const at::Tensor& channel_att, const at::Tensor& spatial_att,
                            bool product);
 std::tuple<at::Tensor, at::Tensor> bam_combine_backward_cpu(const at::Tensor& grad, const at::Tensor& x,
@@ -110,6 +120,13 @@ std::tuple<at::Tensor, at::Tensor> bam_combine_backward_cpu(const at::Tensor& gr
 at::Tensor bam_input_grad_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& channel_att,
                               const at::Tensor& spatial_att, bool product, const std::optional<at::Tensor>& grad_avg,
                               const std::optional<at::Tensor>& grad_x_partial);
+// bam_input_grad whose grad_x_partial is the 1x1 reduce conv's input gradient, computed in the pass
+// (weight (Cr, C[, 1, 1]) as the conv took it, grad_reduce (N, Cr, H, W) in acc): dx = grad * (1 +
+// M) + grad_avg / HW + sum_k weight[k, c] * grad_reduce[n, k, hw]. ATen's GEMM wrote that term as
+// a full-size tensor in 3-8x a clone's time (benchmarks/NOTES.md). Needs the vector kernels.
+at::Tensor bam_input_grad_reduce_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& channel_att,
+                                     const at::Tensor& spatial_att, bool product, const at::Tensor& grad_avg,
+                                     const at::Tensor& reduce_weight, const at::Tensor& grad_reduce);
 // bam_input_grad written into grad_x_partial's memory (when it is in x's layout), which the caller
 // owns: no second full-size buffer, and the writes land on lines the pass has just read.
 at::Tensor bam_input_grad_into_partial_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& channel_att,

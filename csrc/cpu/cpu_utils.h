@@ -859,6 +859,16 @@ inline Vectorized<A> row_dots(const A* w, int64_t stride, int64_t rows, const A*
   return lane_sums(acc);
 }
 
+// One step of a register tile (BAM's convs): acc[r][v] += w[r * w_stride] * in[v], a broadcast
+// weight per row r against the same kV vectors.
+template <int64_t kR, int64_t kV, typename A>
+inline void accumulate_row(const Vectorized<A> (&in)[kV], const A* w, int64_t w_stride, Vectorized<A> (&acc)[kR][kV]) {
+  for (int64_t r = 0; r < kR; ++r) {
+    const Vectorized<A> wv(w[r * w_stride]);
+    for (int64_t v = 0; v < kV; ++v) acc[r][v] = at::vec::fmadd(wv, in[v], acc[r][v]);
+  }
+}
+
 // y[j] = f(j, cnt) for j in [j0, j1).
 template <typename T, typename F>
 inline void map_range(T* y, int64_t j0, int64_t j1, const F& f) {
