@@ -45,8 +45,8 @@ inline Vectorized<A> sigmoid(const Vectorized<A>& a) {
 // AVX2 float: exp(-a) = 2^t, t = -a log2(e) clamped to [-126, 115], as 2^round(t) (built in the
 // exponent bits) times a degree-5 polynomial in the remainder (relative error 8e-8, fitted on [-0.5,
 // 0.5]). As accurate as at::vec's exp_u20 and fewer instructions: the product combine on
-// 8x256x28x28 went from 0.83 to 0.54 ms (1 thread, in cache). A refined reciprocal estimate in
-// place of the division was slower (benchmarks/NOTES.md).
+// 8x256x28x28 went from 0.65-0.68 to 0.53 ms (1 thread, in cache). A refined reciprocal estimate
+// in place of the division was slower (benchmarks/NOTES.md).
 template <>
 inline Vectorized<float> sigmoid(const Vectorized<float>& a) {
   const __m256 magic = _mm256_set1_ps(12582912.f);  // 1.5 * 2^23: adding it rounds to an integer
