@@ -18,6 +18,11 @@
 // bam_narrow_conv_cpu: the dilated k x k convs on maps of at most kNarrowConvChannels channels, the
 // same kOut x kPixVecs tile over a zero-padded NCHW copy of each sample, a tap at a time. oneDNN
 // runs 4-channel maps at ~14 % of the FMA rate (8x4x56x56: 431 us, these tiles 128 us, 1 thread).
+//
+// Backward: bam_reduce_weight_grad_cpu (the reduce conv's weight grad: dR . X^T, NCHW sums along
+// pixel rows, NHWC broadcasts of dR against vectors of x's channels; its input grad is added in
+// bam_cpu.cpp's dx pass) and bam_conv_weight_grad_cpu (the narrow dilated convs' weight grads,
+// kOut outputs x 3 taps of a tap row along the padded pixel rows).
 #include "cpu/cpu_ops.h"
 #include "cpu/cpu_utils.h"
 
@@ -70,9 +75,7 @@ inline void nchw_tile(const T* xs, int64_t stride, int64_t C, const acc_t<T>* w,
   using V = Vectorized<A>;
   constexpr int64_t L = V::size();
   V acc[kOut][kPixVecs];
-  for (auto& row : acc) {
-    for (auto& v : row) v = V(A(0));
-  }
+  zero_tile(acc);
   for (int64_t c = 0; c < C; ++c) {
     V in[kPixVecs];
     for (int64_t v = 0; v < kPixVecs; ++v) in[v] = vload(xs + c * stride + v * L);
@@ -138,9 +141,7 @@ inline void nhwc_tile(const T* xs, int64_t C, const acc_t<T>* wt, int64_t Cr_pad
   using V = Vectorized<A>;
   constexpr int64_t L = V::size();
   V acc[kRows][kVecs];
-  for (auto& row : acc) {
-    for (auto& v : row) v = V(A(0));
-  }
+  zero_tile(acc);
   for (int64_t c = 0; c < C; ++c) {
     V wv[kVecs];
     for (int64_t v = 0; v < kVecs; ++v) wv[v] = V::loadu(wt + c * Cr_pad + o0 + v * L);
@@ -243,9 +244,7 @@ void nchw_reduce_weight_grad(const T* xs, const acc_t<T>* drs, int64_t C, int64_
     const A* dk[kK];
     for (int64_t r = 0; r < kK; ++r) dk[r] = drs + std::min(k0 + r, Cr - 1) * HW;
     V acc[kK][kCh];
-    for (auto& row : acc) {
-      for (auto& v : row) v = V(A(0));
-    }
+    zero_tile(acc);
     for (int64_t j = 0; j < HW; j += L) {
       const int64_t m = std::min(L, HW - j);
       V in[kCh];
@@ -286,9 +285,7 @@ void nhwc_reduce_weight_grad(const T* xs, const acc_t<T>* drs, int64_t C, int64_
       int64_t kr[kK];  // channels past Cr repeat the last one; their sums are dropped
       for (int64_t r = 0; r < kK; ++r) kr[r] = std::min(k0 + r, Cr - 1);
       V acc[kK][kVecs];
-      for (auto& row : acc) {
-        for (auto& v : row) v = V(A(0));
-      }
+      zero_tile(acc);
       for (int64_t p = p0; p < p1; ++p) {
         V in[kVecs];
         for (int64_t v = 0; v < kVecs; ++v) in[v] = load_n(xs + p * C + c0 + v * L, m[v]);
@@ -309,9 +306,22 @@ void nhwc_reduce_weight_grad(const T* xs, const acc_t<T>* drs, int64_t C, int64_
   }
 }
 
+// out[j] = the sum of the `count` partials (rows of `len`) at j, added in order (deterministic),
+// j split over the threads.
+template <typename A>
+void add_partials(const A* partials, int64_t count, int64_t len, A* out) {
+  at::parallel_for(0, len, task_grain(count), [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j) {
+      A s = 0;
+      for (int64_t t = 0; t < count; ++t) s += partials[t * len + j];
+      out[j] = s;
+    }
+  });
+}
+
 // NCHW: threads own channel blocks (no reduction across them), each walking the samples in order.
-// NHWC: tasks of (sample, chunk of pixel rows), which read x in storage order, each into its own
-// partial gw, added up in task order.
+// NHWC: tasks of (sample, chunk of pixel rows), each into its own partial gw, added up in task
+// order.
 template <typename T>
 void reduce_weight_grad_kernel(const Tensor& x, Layout layout, const Tensor& dr, const Tensor& gw) {
   using A = acc_t<T>;
@@ -335,9 +345,7 @@ void reduce_weight_grad_kernel(const Tensor& x, Layout layout, const Tensor& dr,
   run_tasks(tk, divup(HW, tk.nch) * C * Cr, [&](int64_t t, int64_t n, int64_t p0, int64_t p1) {
     nhwc_reduce_weight_grad(xp + n * HW * C, dp + n * HW * Cr, C, Cr, p0, p1, partials.data() + t * Cr * C);
   });
-  for (int64_t t = 0; t < tk.count(); ++t) {
-    for (int64_t i = 0; i < Cr * C; ++i) gp[i] += partials[t * Cr * C + i];
-  }
+  add_partials(partials.data(), tk.count(), Cr * C, gp);
 }
 
 // One tile of a dilated k x k conv over a zero-padded NCHW sample (Ci planes of rows `pw` apart,
@@ -351,9 +359,7 @@ inline void dilated_tile(const A* padded, int64_t Ci, int64_t plane, int64_t pw,
   constexpr int64_t L = V::size();
   const int64_t taps = Ci * k * k;
   V acc[kOut][kPixVecs];
-  for (auto& row : acc) {
-    for (auto& v : row) v = V(A(0));
-  }
+  zero_tile(acc);
   int64_t t = 0;
   for (int64_t ic = 0; ic < Ci; ++ic) {
     for (int64_t i = 0; i < k; ++i) {
@@ -380,14 +386,11 @@ inline Padding padding_for(int64_t H, int64_t W, int64_t k, int64_t d, int64_t s
   return {pad, pw, (H + 2 * pad) * pw};
 }
 
-// Sample n of an NCHW map (Ci planes) into `padded`, whose border and slack stay as they are (zero).
+// An H x W plane into its padded copy, whose border and slack stay as they are (zero).
 template <typename A>
-void pad_sample(const A* ap, int64_t n, int64_t Ci, int64_t H, int64_t W, const Padding& pd, A* padded) {
-  for (int64_t ic = 0; ic < Ci; ++ic) {
-    for (int64_t h = 0; h < H; ++h) {
-      const A* row = ap + ((n * Ci + ic) * H + h) * W;
-      std::copy(row, row + W, padded + ic * pd.plane + (h + pd.pad) * pd.pw + pd.pad);
-    }
+void pad_plane(const A* src, int64_t H, int64_t W, const Padding& pd, A* padded) {
+  for (int64_t h = 0; h < H; ++h) {
+    std::copy(src + h * W, src + (h + 1) * W, padded + (h + pd.pad) * pd.pw + pd.pad);
   }
 }
 
@@ -409,7 +412,9 @@ void dilated_conv_kernel(const Tensor& a, const Tensor& weight, const Tensor& bi
   at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
     std::vector<A> padded(Ci * plane, A(0));  // the border and the slack stay zero
     for (int64_t n = n0; n < n1; ++n) {
-      pad_sample(ap, n, Ci, H, W, pd, padded.data());
+      for (int64_t ic = 0; ic < Ci; ++ic) {
+        pad_plane(ap + (n * Ci + ic) * H * W, H, W, pd, padded.data() + ic * plane);
+      }
       A* zs = op + n * Co * H * W;
       for (int64_t h = 0; h < H; ++h) {
         for (int64_t w0 = 0; w0 < W; w0 += kBlock) {
@@ -424,9 +429,9 @@ void dilated_conv_kernel(const Tensor& a, const Tensor& weight, const Tensor& bi
 }
 
 // The weight grad of a dilated 3 x 3 conv ('same', stride 1): gw[o][i][ty][tx] = sum over n, h, w
-// of g[n, o, h, w] * padded a[n, i, h + ty d, w + tx d]. Threads take samples, whose partial
-// grads are added in sample order; per sample, for each block of kOut outputs, input channel and
-// tap row, a kOut x 3 tile of sums along the pixel rows.
+// of g[n, o, h, w] * padded a[n, i, h + ty d, w + tx d]. Tasks of (sample, input channel) write
+// their own slice of the sample's partial grad, the samples' partials added in order; per task,
+// for each block of kOut outputs and tap row, a kOut x 3 tile of sums along the pixel rows.
 template <typename A>
 void dilated_weight_grad_kernel(const Tensor& g, const Tensor& a, int64_t d, const Tensor& gw) {
   using V = Vectorized<A>;
@@ -437,55 +442,50 @@ void dilated_weight_grad_kernel(const Tensor& g, const Tensor& a, int64_t d, con
   std::vector<A> partials(N * per_sample);
   const A* ap = a.const_data_ptr<A>();
   const A* gp = g.const_data_ptr<A>();
-  at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
-    std::vector<A> padded(Ci * pd.plane, A(0));
-    for (int64_t n = n0; n < n1; ++n) {
-      pad_sample(ap, n, Ci, H, W, pd, padded.data());
-      A* out = partials.data() + n * per_sample;
+  at::parallel_for(0, N * Ci, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<A> padded(pd.plane, A(0));
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n = t / Ci, i = t % Ci;
+      pad_plane(ap + t * HW, H, W, pd, padded.data());
       for (int64_t o0 = 0; o0 < Co; o0 += kOut) {
         const A* grow[kOut];  // outputs past Co repeat the last one; their sums are dropped
         for (int64_t r = 0; r < kOut; ++r) grow[r] = gp + (n * Co + std::min(o0 + r, Co - 1)) * HW;
-        for (int64_t i = 0; i < Ci; ++i) {
-          for (int64_t ty = 0; ty < k; ++ty) {
-            V acc[kOut][k];
-            for (auto& row : acc) {
-              for (auto& v : row) v = V(A(0));
-            }
-            for (int64_t h = 0; h < H; ++h) {
-              const A* arow = padded.data() + i * pd.plane + (h + ty * d) * pd.pw;
-              for (int64_t w0 = 0; w0 < W; w0 += L) {
-                const int64_t m = std::min(L, W - w0);  // g's missing lanes load as zero
-                V in[k];
-                for (int64_t tx = 0; tx < k; ++tx) in[tx] = V::loadu(arow + w0 + tx * d);
-                for (int64_t r = 0; r < kOut; ++r) {
-                  const V gv = load_acc_n(grow[r] + h * W + w0, m);
-                  for (int64_t tx = 0; tx < k; ++tx) acc[r][tx] = at::vec::fmadd(gv, in[tx], acc[r][tx]);
-                }
+        for (int64_t ty = 0; ty < k; ++ty) {
+          V acc[kOut][k];
+          zero_tile(acc);
+          for (int64_t h = 0; h < H; ++h) {
+            const A* arow = padded.data() + (h + ty * d) * pd.pw;
+            for (int64_t w0 = 0; w0 < W; w0 += L) {
+              // Lanes past W load as zero on both sides (a non-finite a there must not count).
+              const int64_t m = std::min(L, W - w0);
+              V in[k];
+              for (int64_t tx = 0; tx < k; ++tx) in[tx] = load_acc_n(arow + w0 + tx * d, m);
+              for (int64_t r = 0; r < kOut; ++r) {
+                const V gv = load_acc_n(grow[r] + h * W + w0, m);
+                for (int64_t tx = 0; tx < k; ++tx) acc[r][tx] = at::vec::fmadd(gv, in[tx], acc[r][tx]);
               }
             }
-            A sums[kOut][k];  // constant indices (see nchw_reduce_weight_grad)
-            for (int64_t r = 0; r < kOut; ++r) {
-              for (int64_t tx = 0; tx < k; ++tx) sums[r][tx] = hsum(acc[r][tx]);
-            }
-            for (int64_t r = 0; r < std::min(kOut, Co - o0); ++r) {
-              std::copy(sums[r], sums[r] + k, out + (((o0 + r) * Ci + i) * k + ty) * k);
-            }
+          }
+          A sums[kOut][k];  // constant indices (see nchw_reduce_weight_grad)
+          for (int64_t r = 0; r < kOut; ++r) {
+            for (int64_t tx = 0; tx < k; ++tx) sums[r][tx] = hsum(acc[r][tx]);
+          }
+          for (int64_t r = 0; r < std::min(kOut, Co - o0); ++r) {
+            std::copy(sums[r], sums[r] + k, partials.data() + n * per_sample + (((o0 + r) * Ci + i) * k + ty) * k);
           }
         }
       }
     }
   });
-  A* gwp = gw.data_ptr<A>();
-  std::fill_n(gwp, per_sample, A(0));
-  for (int64_t n = 0; n < N; ++n) {
-    for (int64_t j = 0; j < per_sample; ++j) gwp[j] += partials[n * per_sample + j];
-  }
+  add_partials(partials.data(), N, per_sample, gw.data_ptr<A>());
 }
 
 }  // namespace
 
 Tensor bam_conv_weight_grad_cpu(const Tensor& grad, const Tensor& a_in, int64_t dilation) {
-  TORCH_INTERNAL_ASSERT(use_vec_kernels() && grad.scalar_type() == a_in.scalar_type());
+  TORCH_INTERNAL_ASSERT(use_vec_kernels() && grad.scalar_type() == a_in.scalar_type() && grad.dim() == 4 &&
+                        grad.size(0) == a_in.size(0) && grad.size(2) == a_in.size(2) &&
+                        grad.size(3) == a_in.size(3));
   const Tensor a = in_layout(a_in, Layout::NCHW);
   const Tensor g = in_layout(grad, Layout::NCHW);
   Tensor gw = at::empty({g.size(1), a.size(1), kWeightGradTaps, kWeightGradTaps}, a.options());

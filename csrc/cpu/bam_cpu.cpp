@@ -42,16 +42,18 @@ inline Vectorized<A> sigmoid(const Vectorized<A>& a) {
   return one / (one + (Vectorized<A>(A(0)) - a).exp_u20());
 }
 #if defined(CPU_CAPABILITY_AVX2)
-// AVX2 float: exp(-a) = 2^t, t = -a log2(e) clamped to [-126, 115], as 2^round(t) (built in the
-// exponent bits) times a degree-5 polynomial in the remainder (relative error 8e-8, fitted on [-0.5,
-// 0.5]). As accurate as at::vec's exp_u20 and fewer instructions: the product combine on
-// 8x256x28x28 went from 0.65-0.68 to 0.53 ms (1 thread, in cache). A refined reciprocal estimate
-// in place of the division was slower (benchmarks/NOTES.md).
+// AVX2 float: exp(-a) = 2^t, t = -a log2(e) clamped to [-126, 128], as 2^round(t) (built in the
+// exponent bits; round(t) = 128 gives inf, so M = 0 exactly for a < -88.4, as with exp_u20) times a
+// degree-5 polynomial in the remainder (relative error 8e-8, fitted on [-0.5, 0.5]). As accurate
+// as at::vec's exp_u20 for |a| < 16 (within 6 ulp; past that t's own rounding shows, a few 1e-6
+// relative on M < 1e-7) and fewer instructions: the product combine on 8x256x28x28 went from
+// 0.65-0.68 to 0.53 ms (1 thread, in cache). A refined reciprocal estimate in place of the
+// division was slower (benchmarks/NOTES.md).
 template <>
 inline Vectorized<float> sigmoid(const Vectorized<float>& a) {
   const __m256 magic = _mm256_set1_ps(12582912.f);  // 1.5 * 2^23: adding it rounds to an integer
   __m256 t = _mm256_mul_ps(a, _mm256_set1_ps(-1.44269504f));
-  t = _mm256_max_ps(_mm256_min_ps(t, _mm256_set1_ps(115.f)), _mm256_set1_ps(-126.f));
+  t = _mm256_max_ps(_mm256_min_ps(t, _mm256_set1_ps(128.f)), _mm256_set1_ps(-126.f));
   const __m256 shifted = _mm256_add_ps(t, magic);
   const __m256 r = _mm256_sub_ps(t, _mm256_sub_ps(shifted, magic));  // in [-0.5, 0.5]
   __m256 p = _mm256_set1_ps(1.3266970386e-3f);
@@ -184,9 +186,7 @@ inline void nchw_reduce_grad_tile(const T* grad, const Maps<acc_t<T>>& maps, con
   constexpr int64_t L = V::size();
   const auto cnt = [&](int64_t v) { return kFull ? L : std::clamp<int64_t>(count - v * L, 0, L); };
   V acc[kChanTile][kPixTile];
-  for (auto& row : acc) {
-    for (auto& v : row) v = V(A(0));
-  }
+  zero_tile(acc);
   const A* dr = rt.dr + n * rt.Cr * HW + p0;
   for (int64_t k = 0; k < rt.Cr; ++k) {
     V in[kPixTile];
@@ -224,9 +224,7 @@ inline void nhwc_reduce_grad_tile(const T* grad, const Maps<acc_t<T>>& maps, con
   using V = Vectorized<A>;
   constexpr int64_t L = V::size();
   V acc[kRows][kColTile];
-  for (auto& r : acc) {
-    for (auto& v : r) v = V(A(0));
-  }
+  zero_tile(acc);
   const A* dr = rt.dr + row * rt.Cr;
   for (int64_t k = 0; k < rt.Cr; ++k) {
     V wv[kColTile];

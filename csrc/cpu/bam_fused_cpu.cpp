@@ -1,9 +1,12 @@
 // The whole BAM forward and backward on the CPU, one C++ call each (schemas bam_fused_forward /
-// bam_fused_backward in csrc/ops.cpp). They are the Python composition of attnkern/ops/bam.py
-// line for line: the same passes (combine kernels of bam_cpu.cpp), the same ATen calls for the
-// two small stacks (1x1 convs as GEMMs, dilated convs, BatchNorm folded in eval), without its
-// ~100 Python-level calls per forward, which cost ~0.3 ms a call. Names follow the Python
-// functions; the tests hold both against the reference module.
+// bam_fused_backward in csrc/ops.cpp). They follow the Python composition of attnkern/ops/bam.py
+// step by step: the same passes (combine kernels of bam_cpu.cpp), the same ATen calls for the two
+// small stacks (dilated convs, BatchNorm folded in eval), without its ~100 Python-level calls per
+// forward, which cost ~0.3 ms a call. Where bam_convs_cpu.cpp's kernels take a conv instead (the
+// reduce conv both ways, the convs of narrow maps) they accumulate in acc; the reduce conv's
+// grads stay in acc where the Python path rounds them to x's dtype (bf16 / fp16 results differ
+// from it within the tests' tolerances). Names follow the Python functions; the tests hold both
+// against the reference module.
 
 #include <ATen/ATen.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
@@ -120,13 +123,12 @@ std::pair<Tensor, Tensor> conv_backward(const Tensor& grad, const Tensor& a, con
   // At 16 channels and more oneDNN's weight grad is the faster one (benchmarks/NOTES.md).
   const bool our_weight_grad = narrow && weight.size(2) == kWeightGradTaps;
   Tensor grad_a, grad_weight;
-  if (!our_weight_grad) {
+  if (our_weight_grad) {
+    grad_weight = bam_conv_weight_grad_cpu(grad, a, dilation);
+  } else {
     std::tie(grad_a, grad_weight, std::ignore) =
         at::convolution_backward(grad, a, weight, std::nullopt, {1, 1}, padding(weight, dilation),
                                  {dilation, dilation}, false, {0, 0}, 1, {!narrow, true, false});
-  }
-  if (our_weight_grad) {
-    grad_weight = bam_conv_weight_grad_cpu(grad, a, dilation);
   }
   if (narrow) {
     // A stride-1 'same' conv's input grad is the same conv of grad with the taps flipped and the

@@ -859,6 +859,14 @@ inline Vectorized<A> row_dots(const A* w, int64_t stride, int64_t rows, const A*
   return lane_sums(acc);
 }
 
+// A register tile of accumulators set to zero.
+template <typename A, int64_t kR, int64_t kV>
+inline void zero_tile(Vectorized<A> (&acc)[kR][kV]) {
+  for (auto& row : acc) {
+    for (auto& v : row) v = Vectorized<A>(A(0));
+  }
+}
+
 // One step of a register tile (BAM's convs): acc[r][v] += w[r * w_stride] * in[v], a broadcast
 // weight per row r against the same kV vectors.
 template <int64_t kR, int64_t kV, typename A>
