@@ -32,3 +32,11 @@ def test_whole_cbam_op_on_the_fallback_path():
     """The CBAM whole op's small math (MLP backward, spatial BN) runs in C++ loops with AVX2 and as
     ATen calls without: the modules against the reference, and gradcheck, on the latter."""
     run_on_the_fallback_path(("test_cbam.py",), "cpu-cpu and (matches_reference_float64 or gradcheck or odd_maps)")
+
+
+@pytest.mark.skipif("cpu" not in available_backends("cpu"), reason="attnkern._C has no CPU kernels in this build")
+def test_whole_bam_op_on_the_fallback_path():
+    """The BAM whole op's convs run in bam_convs_cpu.cpp's kernels with AVX2 (the reduce conv both
+    ways, the narrow maps' convs and weight grads) and in ATen without: the module against the
+    reference, in float64 and in low precision."""
+    run_on_the_fallback_path(("test_bam.py",), "cpu-cpu and (matches_reference or batch_of_one)")
