@@ -311,10 +311,9 @@ void nhwc_reduce_weight_grad(const T* xs, const acc_t<T>* drs, int64_t C, int64_
 template <typename A>
 void add_partials(const A* partials, int64_t count, int64_t len, A* out) {
   at::parallel_for(0, len, task_grain(count), [&](int64_t j0, int64_t j1) {
-    for (int64_t j = j0; j < j1; ++j) {
-      A s = 0;
-      for (int64_t t = 0; t < count; ++t) s += partials[t * len + j];
-      out[j] = s;
+    std::fill(out + j0, out + j1, A(0));
+    for (int64_t t = 0; t < count; ++t) {  // row by row: contiguous runs
+      for (int64_t j = j0; j < j1; ++j) out[j] += partials[t * len + j];
     }
   });
 }
