@@ -442,18 +442,6 @@ void channel_gate_per_sample_kernel(const at::Tensor& x, Layout layout, const Ml
 
 // ---- the spatial gate's BN, over the (N, 1, H, W) conv output ---------------------------------
 
-// sum over j in [0, n) of f(j, cnt) (lanes past cnt must be zero), in double: blocks of 1024
-// elements are summed in vector lanes first.
-template <typename A, typename F>
-double block_sum(int64_t n, const F& f) {
-  constexpr int64_t kBlock = 1024;
-  double total = 0;
-  for (int64_t b = 0; b < n; b += kBlock) {
-    total += row_sum<A>(std::min(kBlock, n - b), [&](int64_t j, int64_t cnt) { return f(b + j, cnt); });
-  }
-  return total;
-}
-
 // (mean, biased variance) of the m values of z, two passes; (0, 0) for none.
 template <typename A>
 std::pair<double, double> mean_var(const A* z, int64_t m) {

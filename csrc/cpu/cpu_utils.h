@@ -784,6 +784,18 @@ inline A row_sum(int64_t n, const F& f) {
   return hsum((s0 + s1) + (s2 + s3));
 }
 
+// sum over j in [0, n) of f(j, cnt) (lanes past cnt must be zero), in double: blocks of 1024
+// elements are summed in vector lanes first.
+template <typename A, typename F>
+double block_sum(int64_t n, const F& f) {
+  constexpr int64_t kBlock = 1024;
+  double total = 0;
+  for (int64_t b = 0; b < n; b += kBlock) {
+    total += row_sum<A>(std::min(kBlock, n - b), [&](int64_t j, int64_t cnt) { return f(b + j, cnt); });
+  }
+  return total;
+}
+
 // Per-row operands of a column sum: two rows of T and two per-row constants.
 template <typename T>
 struct RowArgs {
