@@ -273,8 +273,17 @@ def _bam_forward(x, weights, biases, bn_weights, bn_biases, bn_running_means, bn
     channel_att = channel_logits.reshape(n, c)
     spatial_att = spatial_logits.reshape(n, h, w)
     y = kernels.bam_combine(x, channel_att, spatial_att, product)
-    hidden = [t.contiguous() for t in channel_hidden] + [like_x(t, x) for t in spatial_hidden]
+    hidden = [t.contiguous() for t in channel_hidden] + [_hidden_layout(t, x) for t in spatial_hidden]
     return y, avg, channel_att, spatial_att, hidden, channel_means + spatial_means, channel_vars + spatial_vars
+
+
+# Hidden maps of at most this many channels come back NCHW whatever x's layout (csrc/cpu/cpu_ops.h
+# kNarrowConvChannels: the C++ kernels run such maps in NCHW), wider ones in x's layout.
+NARROW_MAP_CHANNELS = 8
+
+
+def _hidden_layout(t, x):
+    return t.contiguous() if t.shape[1] <= NARROW_MAP_CHANNELS else like_x(t, x)
 
 
 @bam.register_fake
@@ -284,7 +293,7 @@ def _bam_fake(x, weights, biases, bn_weights, bn_biases, bn_running_means, bn_ru
     acc = acc_dtype(x.dtype)
     x = dense(x)
     hidden = [x.new_empty((n, weights[0].shape[0], 1, 1), dtype=acc)]
-    hidden += [like_x(x.new_empty((n, wt.shape[0], h, w), dtype=acc), x) for wt in weights[CHANNEL_LAYERS:-1]]
+    hidden += [_hidden_layout(x.new_empty((n, wt.shape[0], h, w), dtype=acc), x) for wt in weights[CHANNEL_LAYERS:-1]]
     stats = [
         [x.new_empty((gamma.shape[0],) if training else (0,), dtype=acc) for gamma, training in zip(bn_weights, bn_training)]
         for _ in range(2)  # batch means, batch variances

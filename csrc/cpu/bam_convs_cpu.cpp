@@ -45,13 +45,13 @@ inline Vectorized<acc_t<T>> rounded_to(const Vectorized<acc_t<T>>& v) {
   }
 }
 
-// zs[r * stride + j] = rounded acc[r][j] + the bias for r < rows, j < count: a tile's outputs
-// (bias(r, v): the bias vector of acc[r][v]). The whole tile goes through a stack buffer with
-// constant indices: stores with runtime bounds straight from acc made GCC keep acc in memory and
-// store all of it in every step of the tile's channel loop (2.5x slower).
+// zs[r * stride + j * col_stride] = rounded acc[r][j] + the bias for r < rows, j < count: a tile's
+// outputs (bias(r, v): the bias vector of acc[r][v]). The whole tile goes through a stack buffer
+// with constant indices: stores with runtime bounds straight from acc made GCC keep acc in memory
+// and store all of it in every step of the tile's channel loop (2.5x slower).
 template <typename T, int64_t kR, int64_t kV, typename Bias>
 inline void store_tile(const Vectorized<acc_t<T>> (&acc)[kR][kV], const Bias& bias, int64_t rows, int64_t stride,
-                       int64_t count, acc_t<T>* zs) {
+                       int64_t count, acc_t<T>* zs, int64_t col_stride = 1) {
   constexpr int64_t L = Vectorized<acc_t<T>>::size();
   alignas(64) acc_t<T> out[kR][kV * L];
   for (int64_t r = 0; r < kR; ++r) {
@@ -60,7 +60,11 @@ inline void store_tile(const Vectorized<acc_t<T>> (&acc)[kR][kV], const Bias& bi
     }
   }
   for (int64_t r = 0; r < rows; ++r) {
-    std::copy(out[r], out[r] + count, zs + r * stride);
+    if (col_stride == 1) {
+      std::copy(out[r], out[r] + count, zs + r * stride);
+    } else {
+      for (int64_t j = 0; j < count; ++j) zs[r * stride + j * col_stride] = out[r][j];
+    }
   }
 }
 
@@ -132,11 +136,16 @@ void nchw_pool_reduce(const T* xs, int64_t C, int64_t HW, int64_t h0, int64_t h1
   }
 }
 
+// Where an NHWC tile's outputs go: z[pixel * pix + channel * chan] (z NHWC: (Cr, 1); NCHW: (1, HW)).
+struct ZStrides {
+  int64_t pix, chan;
+};
+
 // One NHWC tile of kRows rows of x (C apart) against outputs [o0, o0 + kVecs * L) of wt (C rows of
-// Cr_pad), stored to z rows (Cr apart) with the bias added.
+// Cr_pad), stored from zs (the tile's first pixel) with the bias added.
 template <int64_t kRows, int64_t kVecs, typename T>
 inline void nhwc_tile(const T* xs, int64_t C, const acc_t<T>* wt, int64_t Cr_pad, const acc_t<T>* bias, int64_t o0,
-                      int64_t Cr, acc_t<T>* zs) {
+                      int64_t Cr, acc_t<T>* zs, const ZStrides& zst) {
   using A = acc_t<T>;
   using V = Vectorized<A>;
   constexpr int64_t L = V::size();
@@ -151,32 +160,32 @@ inline void nhwc_tile(const T* xs, int64_t C, const acc_t<T>* wt, int64_t Cr_pad
     }
   }
   const auto bias_of = [&](int64_t, int64_t v) { return V::loadu(bias + o0 + v * L); };
-  store_tile<T>(acc, bias_of, kRows, Cr, std::min(kVecs * L, Cr - o0), zs + o0);
+  store_tile<T>(acc, bias_of, kRows, zst.pix, std::min(kVecs * L, Cr - o0), zs + o0 * zst.chan, zst.chan);
 }
 
 template <int64_t kRows, int64_t kVecs, typename T>
 inline void nhwc_rows(const T* xs, int64_t C, const acc_t<T>* wt, int64_t Cr_pad, const acc_t<T>* bias, int64_t Cr,
-                      acc_t<T>* zs, acc_t<T>* sums) {
+                      acc_t<T>* zs, const ZStrides& zst, acc_t<T>* sums) {
   for (int64_t o0 = 0; o0 < Cr; o0 += kVecs * Vectorized<acc_t<T>>::size()) {
-    nhwc_tile<kRows, kVecs>(xs, C, wt, Cr_pad, bias, o0, Cr, zs);
+    nhwc_tile<kRows, kVecs>(xs, C, wt, Cr_pad, bias, o0, Cr, zs, zst);
   }
   for (int64_t p = 0; p < kRows; ++p) {
     map_range(sums, 0, C, [&](int64_t j, int64_t cnt) { return load_acc_n(sums + j, cnt) + load_n(xs + p * C + j, cnt); });
   }
 }
 
-// Pixel rows [h0, h1) of NHWC sample xs with kRows x kVecs tiles: z rows and the channel sums
-// (added into sums). wt (C, Cr_pad) and bias (Cr_pad): Cr rounded up to kVecs vectors, the extra
-// entries zero.
+// Pixel rows [h0, h1) of NHWC sample xs with kRows x kVecs tiles: the sample's z (zs, in either
+// layout) and the channel sums (added into sums). wt (C, Cr_pad) and bias (Cr_pad): Cr rounded up
+// to kVecs vectors, the extra entries zero.
 template <int64_t kRows, int64_t kVecs, typename T>
 void nhwc_pool_reduce(const T* xs, int64_t C, int64_t h0, int64_t h1, const acc_t<T>* wt, int64_t Cr_pad,
-                      const acc_t<T>* bias, int64_t Cr, acc_t<T>* zs, acc_t<T>* sums) {
+                      const acc_t<T>* bias, int64_t Cr, acc_t<T>* zs, const ZStrides& zst, acc_t<T>* sums) {
   int64_t p = h0;
   for (; p + kRows <= h1; p += kRows) {
-    nhwc_rows<kRows, kVecs>(xs + p * C, C, wt, Cr_pad, bias, Cr, zs + p * Cr, sums);
+    nhwc_rows<kRows, kVecs>(xs + p * C, C, wt, Cr_pad, bias, Cr, zs + p * zst.pix, zst, sums);
   }
   for (; p < h1; ++p) {
-    nhwc_rows<1, kVecs>(xs + p * C, C, wt, Cr_pad, bias, Cr, zs + p * Cr, sums);
+    nhwc_rows<1, kVecs>(xs + p * C, C, wt, Cr_pad, bias, Cr, zs + p * zst.pix, zst, sums);
   }
 }
 
@@ -201,6 +210,7 @@ void pool_reduce_kernel(const Tensor& x, Layout layout, const Tensor& weight, co
   b_pad.narrow(0, 0, Cr).copy_(bias);
   const A* wp = w_pad.const_data_ptr<A>();
   const A* bp = b_pad.const_data_ptr<A>();
+  const ZStrides zst = z.is_contiguous() ? ZStrides{1, HW} : ZStrides{Cr, 1};  // NHWC x
   // Samples split into pixel chunks only where the batch alone leaves threads idle.
   const Tasks tk{N, HW, chunks_per_sample(N, HW, HW, 16 * kPixVecs * L, C * HW * Cr), 64 / int64_t(sizeof(A))};
   ChannelPartials<A> partials(N, C, tk.nch, avg.data_ptr<A>());
@@ -218,9 +228,9 @@ void pool_reduce_kernel(const Tensor& x, Layout layout, const Tensor& weight, co
       if (nchw) {
         nchw_pool_reduce(xs, C, HW, h0, h1, wp, bp, Cr, zs, partials.row(t, n), strip);
       } else if (narrow) {
-        nhwc_pool_reduce<12, 1>(xs, C, h0, h1, wp, Cr_pad, bp, Cr, zs, partials.row(t, n));
+        nhwc_pool_reduce<12, 1>(xs, C, h0, h1, wp, Cr_pad, bp, Cr, zs, zst, partials.row(t, n));
       } else {
-        nhwc_pool_reduce<6, 2>(xs, C, h0, h1, wp, Cr_pad, bp, Cr, zs, partials.row(t, n));
+        nhwc_pool_reduce<6, 2>(xs, C, h0, h1, wp, Cr_pad, bp, Cr, zs, zst, partials.row(t, n));
       }
     }
   });
@@ -519,7 +529,8 @@ Tensor bam_reduce_weight_grad_cpu(const Tensor& x_in, const Tensor& grad_output)
   return gw;
 }
 
-std::pair<Tensor, Tensor> bam_pool_reduce_cpu(const Tensor& x_in, const Tensor& weight_in, const Tensor& bias_in) {
+std::pair<Tensor, Tensor> bam_pool_reduce_cpu(const Tensor& x_in, const Tensor& weight_in, const Tensor& bias_in,
+                                              at::MemoryFormat z_format) {
   constexpr const char* op = "attnkern::bam_pool_reduce";
   check_full(op, "x", x_in);
   const auto acc_type = acc_type_of(x_in.scalar_type());
@@ -532,11 +543,12 @@ std::pair<Tensor, Tensor> bam_pool_reduce_cpu(const Tensor& x_in, const Tensor& 
   const Tensor x = in_layout(x_in, layout);
   if (!use_vec_kernels() || H * W == 0) {
     const Tensor z = at::conv2d(x, weight.to(x.scalar_type()).view({Cr, C, 1, 1})).to(acc_type) + bias.view({1, Cr, 1, 1});
-    return {acc(x).mean({2, 3}), z.contiguous(memory_format_of(layout))};
+    return {acc(x).mean({2, 3}), z.contiguous(z_format)};
   }
   const auto opts = x.options().dtype(acc_type);
   Tensor avg = at::empty({N, C}, opts);
-  Tensor z = at::empty({N, Cr, H, W}, opts.memory_format(memory_format_of(layout)));
+  // NCHW x takes NCHW z (its tiles store planes).
+  Tensor z = at::empty({N, Cr, H, W}, opts.memory_format(layout == Layout::NCHW ? at::MemoryFormat::Contiguous : z_format));
   if (N * C * Cr > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "attnkern_bam_pool_reduce_cpu",
                                     [&] { pool_reduce_kernel<scalar_t>(x, layout, weight, bias, avg, z); });

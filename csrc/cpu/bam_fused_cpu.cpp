@@ -90,6 +90,13 @@ bool narrow_conv(const Tensor& a, const Tensor& weight) {
          weight.size(2) == weight.size(3) && weight.size(2) % 2 == 1;
 }
 
+// The layout of the spatial stack's hidden maps: NCHW for maps of at most kNarrowConvChannels
+// channels (the narrow convs and BatchNorm run on NCHW maps: with channels_last x they took ~20
+// transposes a training step), x's otherwise. ops/bam.py's fake follows the same rule.
+Layout map_layout(int64_t channels, Layout x_layout) {
+  return channels <= kNarrowConvChannels ? Layout::NCHW : x_layout;
+}
+
 // t itself, or an NCHW copy of a channels_last t of at most kNarrowConvChannels channels: ATen's
 // channels-last BatchNorm kernels vectorise over C, and on 8x4x56x56 took 690 us forward and 415
 // backward against 97 and 23 in NCHW (a copy: ~30 us). The callers copy the results back to t's
@@ -343,7 +350,7 @@ ForwardOutputs bam_fused_forward_cpu(const Tensor& x_in, TensorList weights, Ten
       avg = std::get<0>(channel_pool_cpu(a, false));
       return conv(a, weight, bias, dilation, acc);
     }
-    auto [mean, z] = bam_pool_reduce_cpu(a, weight, bias);
+    auto [mean, z] = bam_pool_reduce_cpu(a, weight, bias, memory_format_of(map_layout(weight.size(0), layout_of(a))));
     avg = mean;
     return z;
   };
@@ -360,7 +367,7 @@ ForwardOutputs bam_fused_forward_cpu(const Tensor& x_in, TensorList weights, Ten
     hidden.push_back(t.contiguous());
   }
   for (const Tensor& t : spatial.hidden) {
-    hidden.push_back(in_layout(t, layout_of(x)));
+    hidden.push_back(in_layout(t, map_layout(t.size(1), layout_of(x))));
   }
   return {y, avg, channel_att, spatial_att, hidden, concat(channel.means, spatial.means),
           concat(channel.vars, spatial.vars)};
@@ -391,9 +398,9 @@ BackwardOutputs bam_fused_backward_cpu(const Tensor& grad_in, const Tensor& x_in
     if (!use_vec_kernels() || !reduce_in_kernels(weight, acc)) {
       return conv_backward(g.to(a.scalar_type()), a, weight.to(a.scalar_type()), dilation);
     }
-    grad_reduce = g;
+    grad_reduce = in_layout(g, layout_of(a));  // once, for both kernels
     reduce_weight = weight;
-    return std::pair<Tensor, Tensor>{Tensor(), bam_reduce_weight_grad_cpu(a, g).view(weight.sizes())};
+    return std::pair<Tensor, Tensor>{Tensor(), bam_reduce_weight_grad_cpu(a, grad_reduce).view(weight.sizes())};
   };
   const StackGrads spatial =
       stack_backward(grad_spatial.view({n, 1, h, w}), x, spatial_weights(weights), biases.slice(kChannelLayers),

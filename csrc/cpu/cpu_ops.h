@@ -88,13 +88,14 @@ at::Tensor spatial_conv_cpu(const at::Tensor& pooled, const at::Tensor& weight, 
 std::tuple<at::Tensor, at::Tensor> spatial_conv_backward_cpu(const at::Tensor& grad, const at::Tensor& pooled,
                                                              const at::Tensor& weight);
 // BAM's channel pool and spatial reduce conv in one read of x: (avg (N, C), z (N, Cr, H, W) =
-// conv1x1(x, weight (Cr, C, 1, 1), bias (Cr,))), both in x's acc dtype, z in x's layout. It pays
+// conv1x1(x, weight (Cr, C, 1, 1), bias (Cr,))), both in x's acc dtype, z in z_format (channels_last
+// x only; NCHW x gives NCHW z). It pays
 // for weights up to kPoolReduceMaxWeightBytes (in acc); past that (C >= 1024 at r = 16) its
 // register tiles stream the weights from L2 for every pixel block, and ATen's GEMM is faster
 // than the pass it saves (benchmarks/NOTES.md).
 constexpr int64_t kPoolReduceMaxWeightBytes = 64 * 1024;
 std::pair<at::Tensor, at::Tensor> bam_pool_reduce_cpu(const at::Tensor& x, const at::Tensor& weight,
-                                                      const at::Tensor& bias);
+                                                      const at::Tensor& bias, at::MemoryFormat z_format);
 // The reduce conv's weight grad, (Cr, C) in acc: sum over n, hw of grad_output[n, k, hw] * x[n, c,
 // hw], grad_output (N, Cr, H, W) in acc. ATen's GEMM for it (Cr = 4-16 rows) reached a third of
 // this CPU's FMA rate. Needs the vector kernels.
