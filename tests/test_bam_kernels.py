@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from attnkern import available_backends
 from attnkern.backends import get_kernels, torch_kernels
 from conftest import backend_device_pairs
 from test_kernels import cases, expect_close, make_x, reference
@@ -61,6 +62,7 @@ def test_bam_input_grad(backend, device, product, extras):
         expect_close(dx, expected, dtype, f"dx {shape} {dtype} {fmt}")
 
 
+@pytest.mark.skipif("cpu" not in available_backends("cpu"), reason="attnkern._C has no CPU kernels in this build")
 @pytest.mark.parametrize("product", [False, True])
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
 def test_cpu_combine_sigmoid_accuracy(product, fmt):

@@ -36,7 +36,7 @@ def test_whole_cbam_op_on_the_fallback_path():
 
 @pytest.mark.skipif("cpu" not in available_backends("cpu"), reason="attnkern._C has no CPU kernels in this build")
 def test_whole_bam_op_on_the_fallback_path():
-    """The BAM whole op's convs run in bam_convs_cpu.cpp's kernels with AVX2 (the reduce conv both
-    ways, the narrow maps' convs and weight grads) and in ATen without: the module against the
-    reference, in float64 and in low precision."""
+    """The BAM whole op's convs and BatchNorms run in their C++ kernels with AVX2 (the reduce conv
+    both ways, the narrow maps' convs and weight grads, BN with batch statistics) and in ATen
+    without: the module against the reference, in float64 and in low precision."""
     run_on_the_fallback_path(("test_bam.py",), "cpu-cpu and (matches_reference or batch_of_one)")
