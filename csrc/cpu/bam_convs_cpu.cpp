@@ -154,10 +154,7 @@ inline void nhwc_tile(const T* xs, int64_t C, const acc_t<T>* wt, int64_t Cr_pad
   for (int64_t c = 0; c < C; ++c) {
     V wv[kVecs];
     for (int64_t v = 0; v < kVecs; ++v) wv[v] = V::loadu(wt + c * Cr_pad + o0 + v * L);
-    for (int64_t p = 0; p < kRows; ++p) {
-      const V xv(static_cast<A>(xs[p * C + c]));
-      for (int64_t v = 0; v < kVecs; ++v) acc[p][v] = at::vec::fmadd(xv, wv[v], acc[p][v]);
-    }
+    accumulate_row(wv, xs + c, C, acc);
   }
   const auto bias_of = [&](int64_t, int64_t v) { return V::loadu(bias + o0 + v * L); };
   store_tile<T>(acc, bias_of, kRows, zst.pix, std::min(kVecs * L, Cr - o0), zs + o0 * zst.chan, zst.chan);

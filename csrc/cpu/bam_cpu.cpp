@@ -229,10 +229,7 @@ inline void nhwc_reduce_grad_tile(const T* grad, const Maps<acc_t<T>>& maps, con
   for (int64_t k = 0; k < rt.Cr; ++k) {
     V wv[kColTile];
     for (int64_t v = 0; v < kColTile; ++v) wv[v] = V::loadu(rt.w + k * rt.C_pad + c0 + v * L);
-    for (int64_t p = 0; p < kRows; ++p) {
-      const V d(dr[p * rt.Cr + k]);
-      for (int64_t v = 0; v < kColTile; ++v) acc[p][v] = at::vec::fmadd(d, wv[v], acc[p][v]);
-    }
+    accumulate_row(wv, dr + k, rt.Cr, acc);
   }
   const A* cm = maps.c + n * C;
   const A* addr = add + n * C;

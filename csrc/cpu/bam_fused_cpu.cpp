@@ -91,18 +91,13 @@ bool narrow_conv(const Tensor& a, const Tensor& weight) {
 }
 
 // The layout of the spatial stack's hidden maps: NCHW for maps of at most kNarrowConvChannels
-// channels (the narrow convs and BatchNorm run on NCHW maps: with channels_last x they took ~20
-// transposes a training step), x's otherwise. ops/bam.py's fake follows the same rule.
+// channels, x's otherwise. The first conv makes them so, and every later step keeps its input's
+// layout. The narrow convs run on NCHW maps, and ATen's channels-last BatchNorm vectorises over C:
+// on 8x4x56x56 it took 690 us forward and 415 backward against 97 and 23 in NCHW; with
+// channels_last x, copies to NCHW and back cost ~20 transposes a training step. ops/bam.py's fake
+// follows the same rule.
 Layout map_layout(int64_t channels, Layout x_layout) {
   return channels <= kNarrowConvChannels ? Layout::NCHW : x_layout;
-}
-
-// t itself, or an NCHW copy of a channels_last t of at most kNarrowConvChannels channels: ATen's
-// channels-last BatchNorm kernels vectorise over C, and on 8x4x56x56 took 690 us forward and 415
-// backward against 97 and 23 in NCHW (a copy: ~30 us). The callers copy the results back to t's
-// layout: mixed layouts made the ops after them (threshold_backward) 9x slower.
-Tensor bn_layout(const Tensor& t) {
-  return t.size(1) <= kNarrowConvChannels && layout_of(t) == Layout::NHWC ? in_layout(t, Layout::NCHW) : t;
 }
 
 // conv(a) in a's dtype, the output and the bias in acc (as ops/bam.py _conv).
@@ -221,8 +216,8 @@ StackForward stack_forward(const Tensor& inp, const vector<Tensor>& weights, Ten
     if (bn.training) {
       const Tensor z = layer_conv(weights[k], biases[k]);
       // var + eps is what invstd inverts.
-      auto [normalized, mean, invstd] = batch_norm_train(bn_layout(z), bn.weight.to(acc), bn.bias.to(acc), bn.eps);
-      pre = in_layout(normalized, layout_of(z));
+      auto [normalized, mean, invstd] = batch_norm_train(z, bn.weight.to(acc), bn.bias.to(acc), bn.eps);
+      pre = normalized;  // in z's layout, as both BN kernels return it
       out.hidden.push_back(z);
       out.means.push_back(mean);
       out.vars.push_back(invstd.pow(-2) - bn.eps);
@@ -275,7 +270,7 @@ StackGrads stack_backward(const Tensor& grad_logits, const Tensor& inp, const ve
       g = at::threshold_backward(g, acts[k + 1], 0);  // ReLU: g is now the grad wrt the BN output
       if (bn->training) {
         std::tie(g, out.gammas[k], out.betas[k]) =
-            at::native_batch_norm_backward(bn_layout(g), bn_layout(hidden[k]), bn->weight.to(acc), {}, {},
+            at::native_batch_norm_backward(g, hidden[k], bn->weight.to(acc), {}, {},
                                            bn->mean.to(acc), affine[k].invstd, true, bn->eps, {true, true, true});
         g = in_layout(g, layout_of(hidden[k]));  // as the activations the next steps pair it with
       } else {
@@ -346,11 +341,12 @@ ForwardOutputs bam_fused_forward_cpu(const Tensor& x_in, TensorList weights, Ten
   // weights; see bam_pool_reduce_cpu).
   Tensor avg;
   const FirstConv pool_and_reduce = [&](const Tensor& a, const Tensor& weight, const Tensor& bias) {
+    const Layout z_layout = map_layout(weight.size(0), layout_of(a));
     if (!reduce_in_kernels(weight, acc)) {
       avg = std::get<0>(channel_pool_cpu(a, false));
-      return conv(a, weight, bias, dilation, acc);
+      return in_layout(conv(a, weight, bias, dilation, acc), z_layout);
     }
-    auto [mean, z] = bam_pool_reduce_cpu(a, weight, bias, memory_format_of(map_layout(weight.size(0), layout_of(a))));
+    auto [mean, z] = bam_pool_reduce_cpu(a, weight, bias, memory_format_of(z_layout));
     avg = mean;
     return z;
   };

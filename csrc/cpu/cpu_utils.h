@@ -880,11 +880,12 @@ inline void zero_tile(Vectorized<A> (&acc)[kR][kV]) {
 }
 
 // One step of a register tile (BAM's convs): acc[r][v] += w[r * w_stride] * in[v], a broadcast
-// weight per row r against the same kV vectors.
-template <int64_t kR, int64_t kV, typename A>
-inline void accumulate_row(const Vectorized<A> (&in)[kV], const A* w, int64_t w_stride, Vectorized<A> (&acc)[kR][kV]) {
+// element per row r (a weight, or an element of x or dR, converted to A) against the same kV
+// vectors.
+template <int64_t kR, int64_t kV, typename A, typename W>
+inline void accumulate_row(const Vectorized<A> (&in)[kV], const W* w, int64_t w_stride, Vectorized<A> (&acc)[kR][kV]) {
   for (int64_t r = 0; r < kR; ++r) {
-    const Vectorized<A> wv(w[r * w_stride]);
+    const Vectorized<A> wv(static_cast<A>(w[r * w_stride]));
     for (int64_t v = 0; v < kV; ++v) acc[r][v] = at::vec::fmadd(wv, in[v], acc[r][v]);
   }
 }
