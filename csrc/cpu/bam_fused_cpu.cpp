@@ -82,12 +82,17 @@ Tensor conv_nobias(const Tensor& a, const Tensor& weight, int64_t dilation) {
   return at::conv2d(a, weight, {}, 1, padding(weight, dilation), dilation);
 }
 
-// Whether bam_narrow_conv_cpu runs conv(a, weight): few channels, a square odd kernel, a in float /
-// double.
-bool narrow_conv(const Tensor& a, const Tensor& weight) {
+// Whether one of bam_convs_cpu.cpp's dilated conv kernels can run conv(a, weight): at most
+// max_channels channels (kNarrowConvChannels for bam_narrow_conv_cpu, kWideConvChannels for
+// bam_wide_conv_cpu), a square odd kernel, a in float / double.
+bool own_conv(const Tensor& a, const Tensor& weight, int64_t max_channels) {
   return use_vec_kernels() && (a.scalar_type() == at::kFloat || a.scalar_type() == at::kDouble) &&
-         weight.size(0) <= kNarrowConvChannels && weight.size(1) <= kNarrowConvChannels &&
-         weight.size(2) == weight.size(3) && weight.size(2) % 2 == 1;
+         weight.size(0) <= max_channels && weight.size(1) <= max_channels && weight.size(2) == weight.size(3) &&
+         weight.size(2) % 2 == 1;
+}
+
+bool narrow_conv(const Tensor& a, const Tensor& weight) {
+  return own_conv(a, weight, kNarrowConvChannels);
 }
 
 // The layout of the spatial stack's hidden maps: NCHW for maps of at most kNarrowConvChannels
@@ -105,6 +110,9 @@ Tensor conv(const Tensor& a, const Tensor& weight, const Tensor& bias, int64_t d
   if (a.scalar_type() == acc && !is_pointwise(weight)) {
     if (narrow_conv(a, weight)) {
       return bam_narrow_conv_cpu(a, weight.to(acc), bias.to(acc), dilation);
+    }
+    if (own_conv(a, weight, kWideConvChannels)) {
+      return bam_wide_conv_cpu(a, weight.to(acc), bias.to(acc), dilation);
     }
     return at::conv2d(a, weight.to(acc), bias.to(acc), 1, padding(weight, dilation), dilation);  // bias in oneDNN
   }

@@ -107,6 +107,12 @@ at::Tensor bam_reduce_weight_grad_cpu(const at::Tensor& x, const at::Tensor& gra
 constexpr int64_t kNarrowConvChannels = 8;
 at::Tensor bam_narrow_conv_cpu(const at::Tensor& a, const at::Tensor& weight, const at::Tensor& bias,
                                int64_t dilation);
+// bam_narrow_conv_cpu for maps of more channels, up to kWideConvChannels. oneDNN's conv is as fast
+// on large maps, but costs ~40-100 us a call on small ones (8x16x2x2: 43 us, these tiles 14), and
+// at 64 channels it is faster (benchmarks/NOTES.md).
+constexpr int64_t kWideConvChannels = 32;
+at::Tensor bam_wide_conv_cpu(const at::Tensor& a, const at::Tensor& weight, const at::Tensor& bias,
+                             int64_t dilation);
 // The weight grad of BAM's dilated 3 x 3 convs on the same narrow maps ('same', stride 1; grad and
 // a float / double, the same dtype, any layout): (Co, Ci, 3, 3) in a's dtype. oneDNN's (im2col and
 // a GEMM) took 0.38 ms on NCHW 8x4x56x56, these tiles 0.08 (benchmarks/NOTES.md). Needs the vector
