@@ -203,6 +203,33 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train(const Tensor& z, const Tenso
   return at::native_batch_norm(z, weight, bias, {}, {}, true, 0.0, eps);
 }
 
+struct Folded {
+  Tensor weight, bias;
+};
+
+// The conv before an eval-mode BN with the BN folded in, as bn_affine and ops/bam.py compute it
+// (W' = W * scale, b' = b * scale + shift), in one loop: the ~8 ATen calls it took cost ~15 us a
+// BN, a tenth of the whole op on small maps.
+Folded fold_bn(const Tensor& weight_in, const Tensor& bias_in, const Bn& bn, at::ScalarType acc) {
+  const auto dense_acc = [&](const Tensor& t) { return t.to(acc).contiguous(); };
+  const Tensor weight = dense_acc(weight_in), bias = dense_acc(bias_in), gamma = dense_acc(bn.weight),
+               beta = dense_acc(bn.bias), mean = dense_acc(bn.mean), var = dense_acc(bn.var);
+  const int64_t outputs = weight.size(0), per_output = weight.numel() / std::max<int64_t>(outputs, 1);
+  Folded out{at::empty_like(weight), at::empty_like(bias)};
+  AT_DISPATCH_FLOATING_TYPES(acc, "attnkern_bam_fold_bn", [&] {
+    const scalar_t* __restrict w = weight.const_data_ptr<scalar_t>();  // restrict: the loop vectorises
+    scalar_t* __restrict fw = out.weight.data_ptr<scalar_t>();
+    for (int64_t o = 0; o < outputs; ++o) {
+      const scalar_t invstd = scalar_t(1) / std::sqrt(var.const_data_ptr<scalar_t>()[o] + static_cast<scalar_t>(bn.eps));
+      const scalar_t scale = gamma.const_data_ptr<scalar_t>()[o] * invstd;
+      const scalar_t shift = beta.const_data_ptr<scalar_t>()[o] - mean.const_data_ptr<scalar_t>()[o] * scale;
+      out.bias.data_ptr<scalar_t>()[o] = bias.const_data_ptr<scalar_t>()[o] * scale + shift;
+      for (int64_t j = 0; j < per_output; ++j) fw[o * per_output + j] = w[o * per_output + j] * scale;
+    }
+  });
+  return out;
+}
+
 struct StackForward {
   Tensor logits;
   vector<Tensor> hidden, means, vars;
@@ -230,9 +257,8 @@ StackForward stack_forward(const Tensor& inp, const vector<Tensor>& weights, Ten
       out.means.push_back(mean);
       out.vars.push_back(invstd.pow(-2) - bn.eps);
     } else {
-      const Affine af = bn_affine(bn, bn.mean, bn.var, acc);
-      const Tensor folded = weights[k].to(acc) * af.scale.view({-1, 1, 1, 1});
-      pre = layer_conv(folded, biases[k].to(acc) * af.scale + af.shift);
+      const Folded folded = fold_bn(weights[k], biases[k], bn, acc);
+      pre = layer_conv(folded.weight, folded.bias);
       out.hidden.push_back(pre);
       out.means.push_back(inp.new_empty({0}, inp.options().dtype(acc)));  // distinct: outputs may not alias
       out.vars.push_back(inp.new_empty({0}, inp.options().dtype(acc)));

@@ -251,19 +251,39 @@ inline bits_t<A> from_bits(A v) {
   return c10::bit_cast<bits_t<A>>(v);
 }
 
+#if ATTNKERN_X86_DISPATCH
+// Lane masks of the first n lanes, for AVX2's masked loads and stores: at::vec's partial loads and
+// stores go through a stack buffer and memcpy, ~10 ns each, which made a map of 2 x 2 pixels
+// cost as much as one of 28 x 28 in bam_combine (whose NCHW rows are then all partial).
+inline __m256i first_lanes_32(int64_t n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+inline __m256i first_lanes_64(int64_t n) {
+  return _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), _mm256_setr_epi64x(0, 1, 2, 3));
+}
+#endif
+
 // Loads of Vectorized<acc_t<T>>::size() elements of T as acc_t (and partial loads of n of them,
 // the other lanes zero); stores back to T.
 inline Vectorized<float> vload(const float* p) {
   return Vectorized<float>::loadu(p);
 }
 inline Vectorized<float> vload(const float* p, int64_t n) {
+#if ATTNKERN_X86_DISPATCH
+  return _mm256_maskload_ps(p, first_lanes_32(n));
+#else
   return Vectorized<float>::loadu(p, n);
+#endif
 }
 inline Vectorized<double> vload(const double* p) {
   return Vectorized<double>::loadu(p);
 }
 inline Vectorized<double> vload(const double* p, int64_t n) {
+#if ATTNKERN_X86_DISPATCH
+  return _mm256_maskload_pd(p, first_lanes_64(n));
+#else
   return Vectorized<double>::loadu(p, n);
+#endif
 }
 template <typename T, typename = std::enable_if_t<at::vec::is_reduced_floating_point_v<T>>>
 inline Vectorized<float> vload(const T* p) {
@@ -281,13 +301,21 @@ inline void vstore(float* p, const Vectorized<float>& v) {
   v.store(p);
 }
 inline void vstore(float* p, const Vectorized<float>& v, int64_t n) {
+#if ATTNKERN_X86_DISPATCH
+  _mm256_maskstore_ps(p, first_lanes_32(n), v);
+#else
   v.store(p, n);
+#endif
 }
 inline void vstore(double* p, const Vectorized<double>& v) {
   v.store(p);
 }
 inline void vstore(double* p, const Vectorized<double>& v, int64_t n) {
+#if ATTNKERN_X86_DISPATCH
+  _mm256_maskstore_pd(p, first_lanes_64(n), v);
+#else
   v.store(p, n);
+#endif
 }
 template <typename T, typename = std::enable_if_t<at::vec::is_reduced_floating_point_v<T>>>
 inline void vstore(T* p, const Vectorized<float>& v) {
@@ -838,7 +866,7 @@ inline Vectorized<acc_t<T>> load_n(const T* p, int64_t cnt) {
 
 template <typename A>
 inline Vectorized<A> load_acc_n(const A* p, int64_t cnt) {
-  return cnt == Vectorized<A>::size() ? Vectorized<A>::loadu(p) : Vectorized<A>::loadu(p, cnt);
+  return cnt == Vectorized<A>::size() ? Vectorized<A>::loadu(p) : vload(p, cnt);
 }
 
 // Lane k = the dot product of row k of w (rows of `len`, `stride` apart) with x, for `rows` <= L
