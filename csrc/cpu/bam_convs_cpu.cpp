@@ -18,9 +18,9 @@
 // bam_narrow_conv_cpu: the dilated k x k convs on maps of at most kNarrowConvChannels channels, the
 // same kOut x kPixVecs tile over a zero-padded NCHW copy of each sample, a tap at a time. oneDNN
 // runs 4-channel maps at ~14 % of the FMA rate (8x4x56x56: 431 us, these tiles 128 us, 1 thread).
-// bam_wide_conv_cpu: the same convs on wider maps, as the NHWC reduce conv's tiles (pixels x vectors
-// of outputs, here 6 x 2) over a zero-padded NHWC copy: on par with oneDNN on large maps up to 32
-// channels, without its ~40-100 us of setup a call.
+// bam_wide_conv_cpu: the same convs on maps of up to kWideConvChannels channels, as the NHWC reduce
+// conv's tiles (pixels x vectors of outputs, here 6 x 2) over a zero-padded NHWC copy: on par with
+// oneDNN on large 16-channel maps, without its ~40-100 us of setup a call.
 //
 // Backward: bam_reduce_weight_grad_cpu (the reduce conv's weight grad: dR . X^T, NCHW sums along
 // pixel rows, NHWC broadcasts of dR against vectors of x's channels; its input grad is added in
@@ -35,7 +35,8 @@ namespace {
 
 using at::Tensor;
 
-constexpr int64_t kOut = 4, kPixVecs = 3;  // NCHW tile
+constexpr int64_t kOut = 4, kPixVecs = 3;         // NCHW tile
+constexpr int64_t kWidePixels = 6, kWideVecs = 2;  // the wide conv's NHWC tile
 
 // v rounded to T (identity for float and double): the conv's output is in x's dtype, as in the
 // other backends (ops/bam.py _conv); only the bias is added in acc.
@@ -446,35 +447,35 @@ void dilated_conv_kernel(const Tensor& a, const Tensor& weight, const Tensor& bi
 }
 
 // One tile of a dilated k x k conv over a zero-padded NHWC sample (pixels of Ci values, rows `pw`
-// pixels apart): kR pixels along output row h from w0 x kV vectors of outputs (wt: k * k * Ci rows of
-// Co_pad outputs, from the tile's first), acc[r][v] = sum over (i, j, ic) of padded[h + i d][w0 + r +
-// j d][ic] * wt[i][j][ic][v L ...]; stored from zs (pixels `stride` apart, outputs `col_stride`
-// apart) for the first `rows` pixels and `count` outputs.
-template <typename A, int64_t kV>
+// pixels apart): kWidePixels pixels along output row h from w0 x kWideVecs vectors of outputs (wt:
+// k * k * Ci rows of Co_pad outputs, from the tile's first), acc[r][v] = sum over (i, j, ic) of
+// padded[h + i d][w0 + r + j d][ic] * wt[i][j][ic][v L ...]; stored from zs (pixels `stride` apart,
+// outputs `col_stride` apart) for the first `rows` pixels and `count` outputs.
+template <typename A>
 inline void wide_tile(const A* padded, int64_t Ci, int64_t pw, int64_t k, int64_t d, const A* wt, int64_t Co_pad,
                       const A* bias, int64_t h, int64_t w0, int64_t rows, int64_t count, A* zs, int64_t stride,
                       int64_t col_stride) {
   using V = Vectorized<A>;
-  constexpr int64_t L = V::size(), kR = 12 / kV;
-  V acc[kR][kV];
+  constexpr int64_t L = V::size();
+  V acc[kWidePixels][kWideVecs];
   zero_tile(acc);
   for (int64_t i = 0; i < k; ++i) {
     for (int64_t j = 0; j < k; ++j) {
       const A* src = padded + ((h + i * d) * pw + w0 + j * d) * Ci;
       const A* wtap = wt + (i * k + j) * Ci * Co_pad;
       for (int64_t ic = 0; ic < Ci; ++ic) {
-        V wv[kV];
-        for (int64_t v = 0; v < kV; ++v) wv[v] = V::loadu(wtap + ic * Co_pad + v * L);
-        accumulate_row<kR>(wv, src + ic, Ci, acc);
+        V wv[kWideVecs];
+        for (int64_t v = 0; v < kWideVecs; ++v) wv[v] = V::loadu(wtap + ic * Co_pad + v * L);
+        accumulate_row<kWidePixels>(wv, src + ic, Ci, acc);
       }
     }
   }
   store_tile<A>(acc, [&](int64_t, int64_t v) { return V::loadu(bias + v * L); }, rows, stride, count, zs, col_stride);
 }
 
-template <typename A, int64_t kV>
+template <typename A>
 void wide_conv_kernel(const Tensor& a, const Tensor& weight, const Tensor& bias, int64_t d, const Tensor& out) {
-  constexpr int64_t L = Vectorized<A>::size(), kR = 12 / kV, kBlock = kV * L;
+  constexpr int64_t kR = kWidePixels, kBlock = kWideVecs * Vectorized<A>::size();
   const int64_t N = a.size(0), Ci = a.size(1), H = a.size(2), W = a.size(3), Co = weight.size(0), k = weight.size(2);
   const Padding pd = padding_for(H, W, k, d, kR);
   const int64_t Co_pad = divup(Co, kBlock) * kBlock;
@@ -488,7 +489,7 @@ void wide_conv_kernel(const Tensor& a, const Tensor& weight, const Tensor& bias,
   A* op = out.data_ptr<A>();
   const int64_t sn = out.stride(0), sc = out.stride(1), sh = out.stride(2), sw = out.stride(3);
   at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
-    std::vector<A> padded((pd.plane + kR) * Ci, A(0));  // the border and the slack stay zero
+    std::vector<A> padded(pd.plane * Ci, A(0));  // the border and the slack (kR columns) stay zero
     for (int64_t n = n0; n < n1; ++n) {
       for (int64_t h = 0; h < H; ++h) {
         std::copy(ap + (n * H + h) * W * Ci, ap + (n * H + h + 1) * W * Ci,
@@ -497,7 +498,7 @@ void wide_conv_kernel(const Tensor& a, const Tensor& weight, const Tensor& bias,
       for (int64_t h = 0; h < H; ++h) {
         for (int64_t w0 = 0; w0 < W; w0 += kR) {
           for (int64_t o0 = 0; o0 < Co; o0 += kBlock) {
-            wide_tile<A, kV>(padded.data(), Ci, pd.pw, k, d, wp + o0, Co_pad, bp + o0, h, w0, std::min(kR, W - w0),
+            wide_tile<A>(padded.data(), Ci, pd.pw, k, d, wp + o0, Co_pad, bp + o0, h, w0, std::min(kR, W - w0),
                              std::min(kBlock, Co - o0), op + n * sn + o0 * sc + h * sh + w0 * sw, sw, sc);
           }
         }
@@ -591,12 +592,7 @@ Tensor bam_wide_conv_cpu(const Tensor& a_in, const Tensor& weight, const Tensor&
                          a.options().memory_format(memory_format_of(layout_of(a_in))));
   if (out.numel() > 0) {
     AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "attnkern_bam_wide_conv_cpu", [&] {
-      const Tensor w = weight.to(a.scalar_type()), b = bias.to(a.scalar_type());
-      if (weight.size(0) <= Vectorized<scalar_t>::size()) {
-        wide_conv_kernel<scalar_t, 1>(a, w, b, dilation, out);
-      } else {
-        wide_conv_kernel<scalar_t, 2>(a, w, b, dilation, out);
-      }
+      wide_conv_kernel<scalar_t>(a, weight.to(a.scalar_type()), bias.to(a.scalar_type()), dilation, out);
     });
   }
   return out;

@@ -108,9 +108,10 @@ constexpr int64_t kNarrowConvChannels = 8;
 at::Tensor bam_narrow_conv_cpu(const at::Tensor& a, const at::Tensor& weight, const at::Tensor& bias,
                                int64_t dilation);
 // bam_narrow_conv_cpu for maps of more channels, up to kWideConvChannels. oneDNN's conv is as fast
-// on large maps, but costs ~40-100 us a call on small ones (8x16x2x2: 43 us, these tiles 14), and
-// at 64 channels it is faster (benchmarks/NOTES.md).
-constexpr int64_t kWideConvChannels = 32;
+// on large 16-channel maps, but costs ~40-100 us a call on small ones (8x16x2x2: 43 us, these tiles
+// 14); from 32 channels on it is faster (a BAM forward on 8x512x28x28: 3.8 ms against 4.4 with
+// these tiles; benchmarks/NOTES.md).
+constexpr int64_t kWideConvChannels = 16;
 at::Tensor bam_wide_conv_cpu(const at::Tensor& a, const at::Tensor& weight, const at::Tensor& bias,
                              int64_t dilation);
 // The weight grad of BAM's dilated 3 x 3 convs on the same narrow maps ('same', stride 1; grad and
