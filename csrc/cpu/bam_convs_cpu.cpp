@@ -38,6 +38,13 @@ using at::Tensor;
 constexpr int64_t kOut = 4, kPixVecs = 3;         // NCHW tile
 constexpr int64_t kWidePixels = 6, kWideVecs = 2;  // the wide conv's NHWC tile
 
+// The vector v (of a tile's outputs: a bias) followed by zeros up to len entries, for whole tiles.
+inline Tensor zero_padded(const Tensor& v, int64_t len) {
+  const Tensor out = at::zeros({len}, v.options());
+  out.narrow(0, 0, v.numel()).copy_(v);
+  return out;
+}
+
 // v rounded to T (identity for float and double): the conv's output is in x's dtype, as in the
 // other backends (ops/bam.py _conv); only the bias is added in acc.
 template <typename T>
@@ -215,8 +222,7 @@ void pool_reduce_kernel(const Tensor& x, Layout layout, const Tensor& weight, co
   const Tensor w_pad = at::zeros(nchw ? std::vector<int64_t>{Cr_pad, C} : std::vector<int64_t>{C, Cr_pad},
                                  weight.options());
   (nchw ? w_pad.narrow(0, 0, Cr) : w_pad.narrow(1, 0, Cr)).copy_(nchw ? weight : weight.t());
-  const Tensor b_pad = at::zeros({Cr_pad}, bias.options());
-  b_pad.narrow(0, 0, Cr).copy_(bias);
+  const Tensor b_pad = zero_padded(bias, Cr_pad);
   const A* wp = w_pad.const_data_ptr<A>();
   const A* bp = b_pad.const_data_ptr<A>();
   const ZStrides zst = z.is_contiguous() ? ZStrides{1, HW} : ZStrides{Cr, 1};  // NHWC x
@@ -421,8 +427,7 @@ void dilated_conv_kernel(const Tensor& a, const Tensor& weight, const Tensor& bi
   const int64_t Co_pad = divup(Co, kOut) * kOut;
   const Tensor w_pad = at::zeros({Co_pad, Ci * k * k}, weight.options());
   w_pad.narrow(0, 0, Co).copy_(weight.reshape({Co, -1}));
-  const Tensor b_pad = at::zeros({Co_pad}, bias.options());
-  b_pad.narrow(0, 0, Co).copy_(bias);
+  const Tensor b_pad = zero_padded(bias, Co_pad);
   const A* ap = a.const_data_ptr<A>();
   const A* wp = w_pad.const_data_ptr<A>();
   const A* bp = b_pad.const_data_ptr<A>();
@@ -481,8 +486,7 @@ void wide_conv_kernel(const Tensor& a, const Tensor& weight, const Tensor& bias,
   const int64_t Co_pad = divup(Co, kBlock) * kBlock;
   const Tensor wt = at::zeros({k, k, Ci, Co_pad}, weight.options());
   wt.narrow(3, 0, Co).copy_(weight.permute({2, 3, 1, 0}));
-  const Tensor b_pad = at::zeros({Co_pad}, bias.options());
-  b_pad.narrow(0, 0, Co).copy_(bias);
+  const Tensor b_pad = zero_padded(bias, Co_pad);
   const A* ap = a.const_data_ptr<A>();
   const A* wp = wt.const_data_ptr<A>();
   const A* bp = b_pad.const_data_ptr<A>();
