@@ -41,6 +41,9 @@ LARGE_CONFIGS = [
     ((130, 16), {}, (2, 130, 9, 11)),
     ((42, 2), {}, (2, 42, 9, 11)),  # hidden width 21: past one vector, and not a multiple of one
     ((48, 3), {"dilation": 3}, (2, 48, 5, 13)),  # hidden width 16, the widest the CPU's own convs take
+    # The CPU's channels_last reduce weight grad walks a sample in blocks of 128 KiB of x (64 pixels
+    # here): two whole blocks and a partial one.
+    ((256, 16), {}, (2, 256, 12, 12)),
 ]
 # Low precision needs batches of several samples: with N = 2, BatchNorm1d's batch variance over two
 # pooled vectors can be ~1e-4, and its backward then scales float32 rounding by 1 / sqrt(var) ~ 100 in

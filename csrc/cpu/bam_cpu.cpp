@@ -173,6 +173,7 @@ struct ReduceTerms {
 
 constexpr int64_t kChanTile = 4, kPixTile = 3;  // NCHW tile: channels x vectors of pixels
 constexpr int64_t kRowTile = 6, kColTile = 2;   // NHWC tile: pixels x vectors of channels
+constexpr int64_t kLongPlaneBytes = 8 * 1024;   // see combine_backward_kernel
 
 // dx for channels [c0, c0 + rows) of sample n at pixels [p0, p0 + count), count <= kPixTile * L;
 // kFull: count is the whole tile. The kChanTile x kPixTile sums over k are kept in registers and
@@ -323,6 +324,9 @@ void combine_backward_kernel(const at::Tensor& grad, const at::Tensor& x, Layout
   if (layout == Layout::NCHW) {
     const Tasks tk = nchw_tiles<T>(N, C, HW, kTile);
     ChannelPartials<A> parts(N, C, tk.nch, gc.data_ptr<A>());
+    // Long planes ask for the next plane's pixels a plane ahead: NCHW 8x64x56x56 with grad and x
+    // not in cache went 526 -> 455 us. On 28x28 planes the same prefetch cost 10 %.
+    const bool long_planes = HW * int64_t(sizeof(T)) >= kLongPlaneBytes;
     run_tasks(tk, 2 * divup(HW, tk.nch) * C, [&](int64_t t, int64_t n, int64_t h0, int64_t h1) {
       A* dst = parts.row(t, n);
       const int64_t len = h1 - h0;
@@ -353,6 +357,10 @@ void combine_backward_kernel(const at::Tensor& grad, const at::Tensor& x, Layout
           }
         };
         for (; j + 2 * L <= len; j += 2 * L) {
+          if (long_planes) {
+            __builtin_prefetch(gr + HW + j, 0, 2);
+            __builtin_prefetch(xr + HW + j, 0, 2);
+          }
           step(j, L, rs0);
           step(j + L, L, rs1);
         }
