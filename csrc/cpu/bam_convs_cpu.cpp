@@ -203,9 +203,12 @@ inline void nhwc_rows(const T* xs, int64_t C, const acc_t<T>* wt, int64_t Cr_pad
   for (int64_t o0 = kVecs * Vectorized<acc_t<T>>::size(); o0 < Cr; o0 += kVecs * Vectorized<acc_t<T>>::size()) {
     nhwc_tile<kRows, kVecs, false>(xs, C, wt, Cr_pad, bias, o0, Cr, zs, zst);
   }
-  for (int64_t p = 0; p < kRows; ++p) {
-    map_range(sums, 0, C, [&](int64_t j, int64_t cnt) { return load_acc_n(sums + j, cnt) + load_n(xs + p * C + j, cnt); });
-  }
+  // All the rows in one walk: a walk per row loaded and stored the sums kRows times.
+  map_range(sums, 0, C, [&](int64_t j, int64_t cnt) {
+    auto sum = load_acc_n(sums + j, cnt);
+    for (int64_t p = 0; p < kRows; ++p) sum = sum + load_n(xs + p * C + j, cnt);
+    return sum;
+  });
 }
 
 // Pixel rows [h0, h1) of NHWC sample xs with kRows x kVecs tiles: the sample's z (zs, in either
