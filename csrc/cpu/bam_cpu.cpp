@@ -17,8 +17,12 @@ namespace {
 
 // How M is computed: kFactored: exp(-a) = ec * es from precomputed ec = exp(-ca), es = exp(-sa);
 // kSum / kProduct: exp(-a) per element. kSafe: the maps hold non-finite or huge values, so
-// a = +-inf and NaN are handled explicitly (the vector exp clamps its input).
-enum Mode { kFactored, kSum, kProduct };
+// a = +-inf and NaN are handled explicitly (the vector exp clamps its input). kLog2Product: the
+// product form with the channel operand scaled by -log2(e) beforehand (float maps within 1e18):
+// exp(-a) = 2^(c * s), one multiply instead of two.
+enum Mode { kFactored, kSum, kProduct, kLog2Product };
+
+constexpr double kLog2E = 1.4426950408889634;
 
 // 1 / d for d in [1, 2^120]. AVX2 float: the reciprocal estimate refined by one Newton step (within
 // ~2 ulp; a division would bound the factored kernels at its throughput), else a division.
@@ -35,6 +39,13 @@ inline Vectorized<float> reciprocal_ge1(const Vectorized<float>& d) {
 }
 #endif
 
+// 1 / (1 + 2^t), for finite t.
+template <typename A>
+inline Vectorized<A> sigmoid_of_log2(const Vectorized<A>& t) {
+  const Vectorized<A> one(A(1));
+  return one / (one + (t * Vectorized<A>(A(1 / kLog2E))).exp_u20());
+}
+
 // 1 / (1 + exp(-a)), for finite a (the callers handle the rest).
 template <typename A>
 inline Vectorized<A> sigmoid(const Vectorized<A>& a) {
@@ -42,18 +53,19 @@ inline Vectorized<A> sigmoid(const Vectorized<A>& a) {
   return one / (one + (Vectorized<A>(A(0)) - a).exp_u20());
 }
 #if defined(CPU_CAPABILITY_AVX2)
-// AVX2 float: exp(-a) = 2^t, t = -a log2(e) clamped to [-126, 128], as 2^round(t) (built in the
-// exponent bits; round(t) = 128 gives inf, so M = 0 exactly for a < -88.4, as with exp_u20) times a
-// degree-5 polynomial in the remainder (relative error 8e-8, fitted on [-0.5, 0.5]). As accurate
-// as at::vec's exp_u20 for |a| < 16 (within 6 ulp; past that t's own rounding shows, a few 1e-6
-// relative on M < 1e-7) and fewer instructions: the product combine on 8x256x28x28 went from
-// 0.65-0.68 to 0.53 ms (1 thread, in cache). A refined reciprocal estimate in place of the
-// division was slower (benchmarks/NOTES.md).
+// AVX2 float: 2^t with t clamped to [-126, 128], as 2^round(t) (built in the exponent bits; round(t)
+// = 128 gives inf, so M = 0 exactly for t > 127.5, as with exp_u20) times a degree-5 polynomial in
+// the remainder (relative error 8e-8, fitted on [-0.5, 0.5]). As accurate as at::vec's exp_u20 for
+// |t| < 23 (within 6 ulp; past that t's own rounding shows, a few 1e-6 relative on M < 1e-7) and
+// fewer instructions: the product combine on 8x256x28x28 went from 0.65-0.68 to 0.53 ms (1 thread,
+// in cache), and to 0.46 with kLog2Product and the bias in the rounding constant. A refined
+// reciprocal estimate in place of the division was slower (benchmarks/NOTES.md).
 template <>
-inline Vectorized<float> sigmoid(const Vectorized<float>& a) {
-  const __m256 magic = _mm256_set1_ps(12582912.f);  // 1.5 * 2^23: adding it rounds to an integer
-  __m256 t = _mm256_mul_ps(a, _mm256_set1_ps(-1.44269504f));
-  t = _mm256_max_ps(_mm256_min_ps(t, _mm256_set1_ps(128.f)), _mm256_set1_ps(-126.f));
+inline Vectorized<float> sigmoid_of_log2(const Vectorized<float>& t_in) {
+  // Adding 1.5 * 2^23 rounds to an integer; the 127 more leave round(t) + 127, the biased exponent
+  // of 2^round(t), in the low bits.
+  const __m256 magic = _mm256_set1_ps(12582912.f + 127.f);
+  const __m256 t = _mm256_max_ps(_mm256_min_ps(t_in, _mm256_set1_ps(128.f)), _mm256_set1_ps(-126.f));
   const __m256 shifted = _mm256_add_ps(t, magic);
   const __m256 r = _mm256_sub_ps(t, _mm256_sub_ps(shifted, magic));  // in [-0.5, 0.5]
   __m256 p = _mm256_set1_ps(1.3266970386e-3f);
@@ -62,11 +74,14 @@ inline Vectorized<float> sigmoid(const Vectorized<float>& a) {
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(2.4022121754e-1f));
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(6.9314694916e-1f));
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0000000710f));
-  // The low bits of `shifted` hold round(t): shifted into the exponent field, plus the bias.
-  const __m256i scale = _mm256_add_epi32(_mm256_slli_epi32(_mm256_castps_si256(shifted), 23),
-                                         _mm256_set1_epi32(127 << 23));
+  const __m256 scale = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(shifted), 23));
   const __m256 one = _mm256_set1_ps(1.f);
-  return _mm256_div_ps(one, _mm256_fmadd_ps(p, _mm256_castsi256_ps(scale), one));
+  return _mm256_div_ps(one, _mm256_fmadd_ps(p, scale, one));
+}
+
+template <>
+inline Vectorized<float> sigmoid(const Vectorized<float>& a) {
+  return sigmoid_of_log2(a * Vectorized<float>(static_cast<float>(-kLog2E)));
 }
 #endif
 
@@ -78,6 +93,8 @@ inline Vectorized<A> attention(const Vectorized<A>& c, const Vectorized<A>& s) {
   const V one(A(1));
   if constexpr (kMode == kFactored) {
     return reciprocal_ge1(at::vec::fmadd(c, s, one));  // c * s = exp(-ca - sa) <= e^80
+  } else if constexpr (kMode == kLog2Product) {
+    return sigmoid_of_log2(c * s);
   } else {
     const V a = kMode == kSum ? c + s : c * s;
     V r = sigmoid(a);
@@ -312,7 +329,7 @@ void combine_backward_kernel(const at::Tensor& grad, const at::Tensor& x, Layout
   using A = acc_t<T>;
   using V = Vectorized<A>;
   constexpr int64_t L = V::size();
-  constexpr bool kProd = kMode == kProduct;
+  constexpr bool kProd = kMode == kProduct || kMode == kLog2Product;
   const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
   const T* xp = x.const_data_ptr<T>();
   const T* gp = grad.const_data_ptr<T>();
@@ -510,6 +527,13 @@ MapsPlan<A> maps_for(const Args& a, bool product, std::vector<A>& store) {
   }
   // |ca|, |sa| <= 1e18: a = ca * sa (or ca + sa) is finite, no special values to handle.
   const bool safe = !(product && all_within(ca, nc, A(1e18)) && all_within(sa, ns, A(1e18)));
+  if constexpr (std::is_same_v<A, float>) {
+    if (product && !safe) {
+      store.resize(nc);
+      for (int64_t i = 0; i < nc; ++i) store[i] = ca[i] * static_cast<float>(-kLog2E);
+      return {Maps<A>{store.data(), sa}, kLog2Product, false};
+    }
+  }
   return {Maps<A>{ca, sa}, product ? kProduct : kSum, safe};
 }
 
@@ -521,6 +545,8 @@ void with_mode(int mode, bool safe, const F& f) {
     f(integral_constant<int, kFactored>(), integral_constant<bool, false>());
   } else if (mode == kSum) {
     f(integral_constant<int, kSum>(), integral_constant<bool, true>());
+  } else if (mode == kLog2Product) {
+    f(integral_constant<int, kLog2Product>(), integral_constant<bool, false>());
   } else if (safe) {
     f(integral_constant<int, kProduct>(), integral_constant<bool, true>());
   } else {
