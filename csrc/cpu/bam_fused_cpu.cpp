@@ -266,6 +266,15 @@ StackForward stack_forward(const Tensor& inp, const vector<Tensor>& weights, Ten
   return out;
 }
 
+// Whether batch_norm_relu_backward_cpu takes a hidden layer's ReLU + BN backward: float / double
+// maps, all three in one dtype, the activations in the hidden map's layout.
+bool fused_bn_backward(const Tensor& grad, const Tensor& act, const Tensor& z) {
+  const auto format = memory_format_of(layout_of(z));
+  return use_vec_kernels() && (z.scalar_type() == at::kFloat || z.scalar_type() == at::kDouble) &&
+         grad.scalar_type() == z.scalar_type() && act.scalar_type() == z.scalar_type() && z.is_contiguous(format) &&
+         act.is_contiguous(format);
+}
+
 struct StackGrads {
   Tensor grad_input;
   vector<Tensor> weights, biases, gammas, betas;
@@ -297,7 +306,11 @@ StackGrads stack_backward(const Tensor& grad_logits, const Tensor& inp, const ve
     const Tensor weight = weights[k].to(acc);
     Tensor conv_weight = weight;
     const Bn* bn = k < num_hidden ? &bns[k] : nullptr;
-    if (bn != nullptr) {
+    if (bn != nullptr && bn->training && fused_bn_backward(g, acts[k + 1], hidden[k])) {
+      std::tie(g, out.gammas[k], out.betas[k]) =
+          batch_norm_relu_backward_cpu(in_layout(g, layout_of(hidden[k])), acts[k + 1], hidden[k],
+                                       bn->weight.to(acc), bn->mean.to(acc), affine[k].invstd);
+    } else if (bn != nullptr) {
       g = at::threshold_backward(g, acts[k + 1], 0);  // ReLU: g is now the grad wrt the BN output
       if (bn->training) {
         std::tie(g, out.gammas[k], out.betas[k]) =

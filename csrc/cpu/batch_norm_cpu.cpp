@@ -1,7 +1,8 @@
 // BatchNorm with the batch's statistics on BAM's hidden maps (declared in cpu_ops.h): (N, Ch, H,
-// W) NCHW maps of a few channels in float / double. ATen's kernel for it took ~100 us on an 8x16x28x28
+// W) maps of a few channels in float / double. ATen's kernel for it took ~100 us on an 8x16x28x28
 // or 8x4x56x56 map here (16x a clone of it); three passes over each channel's planes take a fraction
-// of that (benchmarks/NOTES.md).
+// of that (benchmarks/NOTES.md). batch_norm_relu_backward_cpu: the backward of relu(BN(z)) in two
+// passes, where ATen's threshold_backward and BN backward took three and their dispatch.
 #include "cpu/cpu_ops.h"
 #include "cpu/cpu_utils.h"
 
@@ -53,7 +54,137 @@ void batch_norm_kernel(const at::Tensor& z, const at::Tensor& weight, const at::
   });
 }
 
+// The ReLU's mask applied to its output's grad: g where the ReLU's output is positive.
+template <typename A>
+inline Vectorized<A> relu_grad(const Vectorized<A>& g, const Vectorized<A>& act) {
+  return Vectorized<A>::blendv(Vectorized<A>(A(0)), g, act > Vectorized<A>(A(0)));
+}
+
+// Per channel c, with g the grad of act = relu(BN(z)) masked by the ReLU: gb[c] = sum g and gw[c]
+// = sum g (z - mean) invstd over (N, H, W), and gz = gamma invstd (g - gb / M - (z - mean)
+// invstd gw / M), M = N H W (ATen's batch_norm_backward with batch statistics). Sums of a plane /
+// a sample in A, across them in double, in a fixed order.
+template <typename A>
+void bn_relu_backward_kernel(const at::Tensor& grad, const at::Tensor& act, const at::Tensor& z,
+                             const at::Tensor& weight, const at::Tensor& mean, const at::Tensor& invstd, Layout layout,
+                             const at::Tensor& gz, const at::Tensor& gw, const at::Tensor& gb) {
+  using V = Vectorized<A>;
+  constexpr int64_t L = V::size();
+  const int64_t N = z.size(0), Ch = z.size(1), HW = z.size(2) * z.size(3);
+  const A* gp = grad.const_data_ptr<A>();
+  const A* ap = act.const_data_ptr<A>();
+  const A* zp = z.const_data_ptr<A>();
+  const A* mp = mean.const_data_ptr<A>();
+  A* out = gz.data_ptr<A>();
+  std::vector<double> s1(Ch, 0.0), s2(Ch, 0.0);  // sum g, sum g (z - mean)
+  const auto add_sums = [&](const A* g, const A* a, const A* zr, const V& mv, int64_t cnt, V& a1, V& a2) {
+    const V gm = relu_grad(load_acc_n(g, cnt), load_acc_n(a, cnt));  // lanes past cnt load zeros
+    a1 = a1 + gm;
+    a2 = at::vec::fmadd(gm, load_acc_n(zr, cnt) - mv, a2);
+  };
+  if (layout == Layout::NCHW) {
+    at::parallel_for(0, Ch, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const V mv(mp[c]);
+        for (int64_t n = 0; n < N; ++n) {
+          const int64_t off = (n * Ch + c) * HW;
+          V a1(A(0)), a2(A(0));
+          for (int64_t j = 0; j < HW; j += L) {
+            add_sums(gp + off + j, ap + off + j, zp + off + j, mv, std::min(L, HW - j), a1, a2);
+          }
+          s1[c] += hsum(a1);
+          s2[c] += hsum(a2);
+        }
+      }
+    });
+  } else {
+    std::vector<A> partial(N * 2 * Ch, A(0));  // per sample: sum g, sum g (z - mean)
+    at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n) {
+        A* p1 = partial.data() + n * 2 * Ch;
+        A* p2 = p1 + Ch;
+        for (int64_t j = 0; j < Ch; j += L) {
+          const int64_t cnt = std::min(L, Ch - j);
+          const V mv = load_acc_n(mp + j, cnt);
+          V a1(A(0)), a2(A(0));
+          for (int64_t r = n * HW; r < (n + 1) * HW; ++r) {
+            add_sums(gp + r * Ch + j, ap + r * Ch + j, zp + r * Ch + j, mv, cnt, a1, a2);
+          }
+          vstore(p1 + j, a1, cnt);
+          vstore(p2 + j, a2, cnt);
+        }
+      }
+    });
+    for (int64_t n = 0; n < N; ++n) {
+      for (int64_t c = 0; c < Ch; ++c) {
+        s1[c] += partial[n * 2 * Ch + c];
+        s2[c] += partial[n * 2 * Ch + Ch + c];
+      }
+    }
+  }
+  // gz = k_g g - k_z (z - mean) - k_0 per channel.
+  const double count = static_cast<double>(N * HW);
+  std::vector<A> k_g(Ch), k_z(Ch), k_0(Ch);
+  for (int64_t c = 0; c < Ch; ++c) {
+    const double is = invstd.const_data_ptr<A>()[c], a = weight.const_data_ptr<A>()[c] * is;
+    k_g[c] = static_cast<A>(a);
+    k_z[c] = static_cast<A>(a * is * is * s2[c] / count);
+    k_0[c] = static_cast<A>(a * s1[c] / count);
+    gb.data_ptr<A>()[c] = static_cast<A>(s1[c]);
+    gw.data_ptr<A>()[c] = static_cast<A>(s2[c] * is);
+  }
+  const auto grad_z = [&](const V& g, const V& a, const V& zv, const V& mv, const V& kg, const V& kz, const V& k0) {
+    return at::vec::fmadd(kg, relu_grad(g, a), V(A(0)) - at::vec::fmadd(kz, zv - mv, k0));
+  };
+  if (layout == Layout::NCHW) {
+    at::parallel_for(0, N * Ch, task_grain(HW), [&](int64_t q0, int64_t q1) {
+      for (int64_t q = q0; q < q1; ++q) {
+        const int64_t c = q % Ch, off = q * HW;
+        const V mv(mp[c]), kg(k_g[c]), kz(k_z[c]), k0(k_0[c]);
+        map_range(out + off, 0, HW, [&](int64_t j, int64_t cnt) {
+          return grad_z(load_acc_n(gp + off + j, cnt), load_acc_n(ap + off + j, cnt), load_acc_n(zp + off + j, cnt), mv,
+                        kg, kz, k0);
+        });
+      }
+    });
+    return;
+  }
+  at::parallel_for(0, N * HW, task_grain(Ch), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t off = r * Ch;
+      map_range(out + off, 0, Ch, [&](int64_t j, int64_t cnt) {
+        return grad_z(load_acc_n(gp + off + j, cnt), load_acc_n(ap + off + j, cnt), load_acc_n(zp + off + j, cnt),
+                      load_acc_n(mp + j, cnt), load_acc_n(k_g.data() + j, cnt), load_acc_n(k_z.data() + j, cnt),
+                      load_acc_n(k_0.data() + j, cnt));
+      });
+    }
+  });
+}
+
 }  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backward_cpu(const at::Tensor& grad,
+                                                                           const at::Tensor& act, const at::Tensor& z,
+                                                                           const at::Tensor& weight,
+                                                                           const at::Tensor& mean,
+                                                                           const at::Tensor& invstd) {
+  const Layout layout = layout_of(z);
+  const at::MemoryFormat format = memory_format_of(layout);
+  TORCH_INTERNAL_ASSERT(use_vec_kernels() && z.dim() == 4 && z.is_contiguous(format) && grad.is_contiguous(format) &&
+                        act.is_contiguous(format) && (z.scalar_type() == at::kFloat || z.scalar_type() == at::kDouble) &&
+                        grad.scalar_type() == z.scalar_type() && act.scalar_type() == z.scalar_type() &&
+                        weight.scalar_type() == z.scalar_type() && mean.scalar_type() == z.scalar_type() &&
+                        invstd.scalar_type() == z.scalar_type());
+  const int64_t Ch = z.size(1);
+  at::Tensor gz = at::empty_like(z);
+  at::Tensor gw = at::empty({Ch}, z.options());
+  at::Tensor gb = at::empty({Ch}, z.options());
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "attnkern_batch_norm_relu_backward_cpu", [&] {
+    bn_relu_backward_kernel<scalar_t>(grad, act, z, weight.contiguous(), mean.contiguous(), invstd.contiguous(), layout,
+                                      gz, gw, gb);
+  });
+  return {gz, gw, gb};
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_train_cpu(const at::Tensor& z, const at::Tensor& weight,
                                                                     const at::Tensor& bias, double eps) {

@@ -126,6 +126,15 @@ at::Tensor bam_conv_weight_grad_cpu(const at::Tensor& grad, const at::Tensor& a,
 // Needs the vector kernels.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_train_cpu(const at::Tensor& z, const at::Tensor& weight,
                                                                     const at::Tensor& bias, double eps);
+// The backward of act = relu(BN(z)) with the batch's statistics (mean, invstd) and weight, from
+// grad (of act): (grad of z, of the BN's weight, of its bias), as ATen's threshold_backward and
+// native_batch_norm_backward compute them, in two passes. z, act, grad: float / double, one
+// layout (contiguous or channels_last), everything in z's dtype. Needs the vector kernels.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backward_cpu(const at::Tensor& grad,
+                                                                           const at::Tensor& act, const at::Tensor& z,
+                                                                           const at::Tensor& weight,
+                                                                           const at::Tensor& mean,
+                                                                           const at::Tensor& invstd);
 at::Tensor bam_combine_cpu(const at::Tensor& x, const at::Tensor& channel_att, const at::Tensor& spatial_att,
                            bool product);
 std::tuple<at::Tensor, at::Tensor> bam_combine_backward_cpu(const at::Tensor& grad, const at::Tensor& x,
