@@ -10,11 +10,53 @@ ATTNKERN_VEC_BEGIN
 namespace attnkern::cpu {
 namespace {
 
-// Channel c: mean and biased variance over its N planes (two passes, sums in double per block),
-// then out = z * scale + shift.
+// K per-channel sums over the rows of an NHWC map (rows of Ch): sums[q][c] = the sum over r of
+// term q of f(r, j, cnt, terms), which sets the K vectors of row r's channels [j, j + cnt) (lanes
+// past cnt ignored). In A over blocks of rows, in double across them, in a fixed order.
+template <typename A, int64_t K, typename F>
+std::array<std::vector<double>, K> nhwc_channel_sums(int64_t rows, int64_t Ch, const F& f) {
+  using V = Vectorized<A>;
+  constexpr int64_t L = V::size(), kBlockRows = 256, kRows = 4;  // kRows rows at a time: independent adds
+  const int64_t blocks = divup(rows, kBlockRows);
+  std::vector<A> partial(K * blocks * Ch);
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t r1 = std::min(rows, (b + 1) * kBlockRows);
+      for (int64_t j = 0; j < Ch; j += L) {
+        const int64_t cnt = std::min(L, Ch - j);
+        V acc[kRows][K];
+        zero_tile(acc);
+        const auto add_row = [&](int64_t r, V(&into)[K]) {
+          V terms[K];
+          f(r, j, cnt, terms);
+          for (int64_t q = 0; q < K; ++q) into[q] = into[q] + terms[q];
+        };
+        int64_t r = b * kBlockRows;
+        for (; r + kRows <= r1; r += kRows) {
+          for (int64_t k = 0; k < kRows; ++k) add_row(r + k, acc[k]);
+        }
+        for (; r < r1; ++r) add_row(r, acc[0]);
+        for (int64_t q = 0; q < K; ++q) {
+          vstore(partial.data() + (q * blocks + b) * Ch + j, (acc[0][q] + acc[1][q]) + (acc[2][q] + acc[3][q]), cnt);
+        }
+      }
+    }
+  });
+  std::array<std::vector<double>, K> sums;
+  for (int64_t q = 0; q < K; ++q) {
+    sums[q].assign(Ch, 0.0);
+    for (int64_t b = 0; b < blocks; ++b) {
+      for (int64_t c = 0; c < Ch; ++c) sums[q][c] += partial[(q * blocks + b) * Ch + c];
+    }
+  }
+  return sums;
+}
+
+// Mean and biased variance of each channel (two passes, sums in double per block), then out = z *
+// scale + shift. NCHW: a channel's N planes at a time; NHWC: vectors of channels along the rows.
 template <typename A>
-void batch_norm_kernel(const at::Tensor& z, const at::Tensor& weight, const at::Tensor& bias, double eps,
-                       const at::Tensor& out, const at::Tensor& mean, const at::Tensor& invstd) {
+void batch_norm_kernel(const at::Tensor& z, Layout layout, const at::Tensor& weight, const at::Tensor& bias,
+                       double eps, const at::Tensor& out, const at::Tensor& mean, const at::Tensor& invstd) {
   using V = Vectorized<A>;
   const int64_t N = z.size(0), Ch = z.size(1), HW = z.size(2) * z.size(3);
   const A* zp = z.const_data_ptr<A>();
@@ -24,6 +66,35 @@ void batch_norm_kernel(const at::Tensor& z, const at::Tensor& weight, const at::
   A* mp = mean.data_ptr<A>();
   A* ip = invstd.data_ptr<A>();
   const double count = static_cast<double>(N * HW);
+  const auto finish = [&](int64_t c, double mu, double sq) {
+    const double is = 1.0 / std::sqrt(sq / count + eps);
+    mp[c] = static_cast<A>(mu);
+    ip[c] = static_cast<A>(is);
+    return std::pair<A, A>{static_cast<A>(wp[c] * is), static_cast<A>(bp[c] - mu * wp[c] * is)};
+  };
+  if (layout == Layout::NHWC) {
+    const int64_t rows = N * HW;
+    const std::vector<double> sums = nhwc_channel_sums<A, 1>(rows, Ch, [&](int64_t r, int64_t j, int64_t cnt, V(&t)[1]) {
+      t[0] = load_acc_n(zp + r * Ch + j, cnt);
+    })[0];
+    std::vector<A> mu(Ch);
+    for (int64_t c = 0; c < Ch; ++c) mu[c] = static_cast<A>(sums[c] / count);
+    const std::vector<double> sq = nhwc_channel_sums<A, 1>(rows, Ch, [&](int64_t r, int64_t j, int64_t cnt, V(&t)[1]) {
+      const V d = load_acc_n(zp + r * Ch + j, cnt) - load_acc_n(mu.data() + j, cnt);
+      t[0] = d * d;
+    })[0];
+    std::vector<A> scale(Ch), shift(Ch);
+    for (int64_t c = 0; c < Ch; ++c) std::tie(scale[c], shift[c]) = finish(c, sums[c] / count, sq[c]);
+    at::parallel_for(0, rows, task_grain(Ch), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        map_range(op + r * Ch, 0, Ch, [&](int64_t j, int64_t cnt) {
+          return at::vec::fmadd(load_acc_n(zp + r * Ch + j, cnt), load_acc_n(scale.data() + j, cnt),
+                                load_acc_n(shift.data() + j, cnt));
+        });
+      }
+    });
+    return;
+  }
   at::parallel_for(0, Ch, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       const auto plane = [&](int64_t n) { return zp + (n * Ch + c) * HW; };
@@ -40,11 +111,8 @@ void batch_norm_kernel(const at::Tensor& z, const at::Tensor& weight, const at::
           return cnt == V::size() ? d * d : V::set(V(A(0)), d * d, cnt);
         });
       }
-      const double is = 1.0 / std::sqrt(sq / count + eps);
-      mp[c] = static_cast<A>(mu);
-      ip[c] = static_cast<A>(is);
-      const V scale(static_cast<A>(wp[c] * is));
-      const V shift(static_cast<A>(bp[c] - mu * wp[c] * is));
+      const auto [scale_c, shift_c] = finish(c, mu, sq);
+      const V scale(scale_c), shift(shift_c);
       for (int64_t n = 0; n < N; ++n) {
         const A* zr = plane(n);
         map_range(op + (n * Ch + c) * HW, 0, HW,
@@ -63,7 +131,7 @@ inline Vectorized<A> relu_grad(const Vectorized<A>& g, const Vectorized<A>& act)
 // Per channel c, with g the grad of act = relu(BN(z)) masked by the ReLU: gb[c] = sum g and gw[c]
 // = sum g (z - mean) invstd over (N, H, W), and gz = gamma invstd (g - gb / M - (z - mean)
 // invstd gw / M), M = N H W (ATen's batch_norm_backward with batch statistics). Sums of a plane /
-// a sample in A, across them in double, in a fixed order.
+// a block of rows in A, across them in double, in a fixed order.
 template <typename A>
 void bn_relu_backward_kernel(const at::Tensor& grad, const at::Tensor& act, const at::Tensor& z,
                              const at::Tensor& weight, const at::Tensor& mean, const at::Tensor& invstd, Layout layout,
@@ -98,29 +166,13 @@ void bn_relu_backward_kernel(const at::Tensor& grad, const at::Tensor& act, cons
       }
     });
   } else {
-    std::vector<A> partial(N * 2 * Ch, A(0));  // per sample: sum g, sum g (z - mean)
-    at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
-      for (int64_t n = n0; n < n1; ++n) {
-        A* p1 = partial.data() + n * 2 * Ch;
-        A* p2 = p1 + Ch;
-        for (int64_t j = 0; j < Ch; j += L) {
-          const int64_t cnt = std::min(L, Ch - j);
-          const V mv = load_acc_n(mp + j, cnt);
-          V a1(A(0)), a2(A(0));
-          for (int64_t r = n * HW; r < (n + 1) * HW; ++r) {
-            add_sums(gp + r * Ch + j, ap + r * Ch + j, zp + r * Ch + j, mv, cnt, a1, a2);
-          }
-          vstore(p1 + j, a1, cnt);
-          vstore(p2 + j, a2, cnt);
-        }
-      }
+    auto sums = nhwc_channel_sums<A, 2>(N * HW, Ch, [&](int64_t r, int64_t j, int64_t cnt, V(&t)[2]) {
+      const int64_t off = r * Ch + j;
+      t[0] = relu_grad(load_acc_n(gp + off, cnt), load_acc_n(ap + off, cnt));
+      t[1] = t[0] * (load_acc_n(zp + off, cnt) - load_acc_n(mp + j, cnt));
     });
-    for (int64_t n = 0; n < N; ++n) {
-      for (int64_t c = 0; c < Ch; ++c) {
-        s1[c] += partial[n * 2 * Ch + c];
-        s2[c] += partial[n * 2 * Ch + Ch + c];
-      }
-    }
+    s1 = std::move(sums[0]);
+    s2 = std::move(sums[1]);
   }
   // gz = k_g g - k_z (z - mean) - k_0 per channel.
   const double count = static_cast<double>(N * HW);
@@ -188,7 +240,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backward_cpu(cons
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_train_cpu(const at::Tensor& z, const at::Tensor& weight,
                                                                     const at::Tensor& bias, double eps) {
-  TORCH_INTERNAL_ASSERT(use_vec_kernels() && z.dim() == 4 && z.is_contiguous() &&
+  const Layout layout = layout_of(z);
+  TORCH_INTERNAL_ASSERT(use_vec_kernels() && z.dim() == 4 && z.is_contiguous(memory_format_of(layout)) &&
                         (z.scalar_type() == at::kFloat || z.scalar_type() == at::kDouble) &&
                         weight.scalar_type() == z.scalar_type() && bias.scalar_type() == z.scalar_type());
   const int64_t Ch = z.size(1);
@@ -196,7 +249,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_train_cpu(const at::Te
   at::Tensor mean = at::empty({Ch}, z.options());
   at::Tensor invstd = at::empty({Ch}, z.options());
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "attnkern_batch_norm_train_cpu", [&] {
-    batch_norm_kernel<scalar_t>(z, weight.contiguous(), bias.contiguous(), eps, out, mean, invstd);
+    batch_norm_kernel<scalar_t>(z, layout, weight.contiguous(), bias.contiguous(), eps, out, mean, invstd);
   });
   return {out, mean, invstd};
 }

@@ -121,7 +121,7 @@ at::Tensor bam_wide_conv_cpu(const at::Tensor& a, const at::Tensor& weight, cons
 constexpr int64_t kWeightGradTaps = 3;
 at::Tensor bam_conv_weight_grad_cpu(const at::Tensor& grad, const at::Tensor& a, int64_t dilation);
 // BatchNorm over a map's batch statistics, as at::native_batch_norm in training without running
-// statistics: (normalized, mean, invstd), for contiguous (NCHW) float / double maps, weight and
+// statistics: (normalized, mean, invstd), for float / double maps in either layout, weight and
 // bias in their dtype. ATen's kernel took ~100 us for 100 k values here (benchmarks/NOTES.md).
 // Needs the vector kernels.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_train_cpu(const at::Tensor& z, const at::Tensor& weight,
