@@ -1,8 +1,9 @@
 // BatchNorm with the batch's statistics on BAM's hidden maps (declared in cpu_ops.h): (N, Ch, H,
 // W) maps of a few channels in float / double. ATen's kernel for it took ~100 us on an 8x16x28x28
 // or 8x4x56x56 map here (16x a clone of it); three passes over each channel's planes take a fraction
-// of that (benchmarks/NOTES.md). batch_norm_relu_backward_cpu: the backward of relu(BN(z)) in two
-// passes, where ATen's threshold_backward and BN backward took three and their dispatch.
+// of that (benchmarks/NOTES.md), with the ReLU after it in the last one. batch_norm_relu_backward_cpu:
+// the backward of relu(BN(z)) in two passes, where ATen's threshold_backward and BN backward took
+// three and their dispatch.
 #include "cpu/cpu_ops.h"
 #include "cpu/cpu_utils.h"
 
@@ -52,74 +53,84 @@ std::array<std::vector<double>, K> nhwc_channel_sums(int64_t rows, int64_t Ch, c
   return sums;
 }
 
-// Mean and biased variance of each channel (two passes, sums in double per block), then out = z *
-// scale + shift. NCHW: a channel's N planes at a time; NHWC: vectors of channels along the rows.
+// out = relu(z * scale[c] + shift[c]) for each channel c, in z's layout (NCHW: planes; NHWC: rows
+// of channel vectors).
 template <typename A>
-void batch_norm_kernel(const at::Tensor& z, Layout layout, const at::Tensor& weight, const at::Tensor& bias,
-                       double eps, const at::Tensor& out, const at::Tensor& mean, const at::Tensor& invstd) {
+void scale_shift_relu_kernel(const at::Tensor& z, Layout layout, const A* scale, const A* shift, const at::Tensor& out) {
   using V = Vectorized<A>;
   const int64_t N = z.size(0), Ch = z.size(1), HW = z.size(2) * z.size(3);
   const A* zp = z.const_data_ptr<A>();
-  const A* wp = weight.const_data_ptr<A>();
-  const A* bp = bias.const_data_ptr<A>();
   A* op = out.data_ptr<A>();
-  A* mp = mean.data_ptr<A>();
-  A* ip = invstd.data_ptr<A>();
-  const double count = static_cast<double>(N * HW);
-  const auto finish = [&](int64_t c, double mu, double sq) {
-    const double is = 1.0 / std::sqrt(sq / count + eps);
-    mp[c] = static_cast<A>(mu);
-    ip[c] = static_cast<A>(is);
-    return std::pair<A, A>{static_cast<A>(wp[c] * is), static_cast<A>(bp[c] - mu * wp[c] * is)};
-  };
-  if (layout == Layout::NHWC) {
-    const int64_t rows = N * HW;
-    const std::vector<double> sums = nhwc_channel_sums<A, 1>(rows, Ch, [&](int64_t r, int64_t j, int64_t cnt, V(&t)[1]) {
-      t[0] = load_acc_n(zp + r * Ch + j, cnt);
-    })[0];
-    std::vector<A> mu(Ch);
-    for (int64_t c = 0; c < Ch; ++c) mu[c] = static_cast<A>(sums[c] / count);
-    const std::vector<double> sq = nhwc_channel_sums<A, 1>(rows, Ch, [&](int64_t r, int64_t j, int64_t cnt, V(&t)[1]) {
-      const V d = load_acc_n(zp + r * Ch + j, cnt) - load_acc_n(mu.data() + j, cnt);
-      t[0] = d * d;
-    })[0];
-    std::vector<A> scale(Ch), shift(Ch);
-    for (int64_t c = 0; c < Ch; ++c) std::tie(scale[c], shift[c]) = finish(c, sums[c] / count, sq[c]);
-    at::parallel_for(0, rows, task_grain(Ch), [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        map_range(op + r * Ch, 0, Ch, [&](int64_t j, int64_t cnt) {
-          return at::vec::fmadd(load_acc_n(zp + r * Ch + j, cnt), load_acc_n(scale.data() + j, cnt),
-                                load_acc_n(shift.data() + j, cnt));
+  const V zero(A(0));
+  if (layout == Layout::NCHW) {
+    at::parallel_for(0, N * Ch, task_grain(HW), [&](int64_t q0, int64_t q1) {
+      for (int64_t q = q0; q < q1; ++q) {
+        const V sc(scale[q % Ch]), sh(shift[q % Ch]);
+        const A* zr = zp + q * HW;
+        map_range(op + q * HW, 0, HW, [&](int64_t j, int64_t cnt) {
+          return at::vec::maximum(at::vec::fmadd(load_acc_n(zr + j, cnt), sc, sh), zero);
         });
       }
     });
     return;
   }
-  at::parallel_for(0, Ch, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      const auto plane = [&](int64_t n) { return zp + (n * Ch + c) * HW; };
-      double sum = 0;
-      for (int64_t n = 0; n < N; ++n) {
-        sum += block_sum<A>(HW, [&](int64_t j, int64_t cnt) { return load_acc_n(plane(n) + j, cnt); });
-      }
-      const double mu = sum / count;
-      const V mv(static_cast<A>(mu));
-      double sq = 0;
-      for (int64_t n = 0; n < N; ++n) {
-        sq += block_sum<A>(HW, [&](int64_t j, int64_t cnt) {
-          const V d = load_acc_n(plane(n) + j, cnt) - mv;
-          return cnt == V::size() ? d * d : V::set(V(A(0)), d * d, cnt);
-        });
-      }
-      const auto [scale_c, shift_c] = finish(c, mu, sq);
-      const V scale(scale_c), shift(shift_c);
-      for (int64_t n = 0; n < N; ++n) {
-        const A* zr = plane(n);
-        map_range(op + (n * Ch + c) * HW, 0, HW,
-                  [&](int64_t j, int64_t cnt) { return at::vec::fmadd(load_acc_n(zr + j, cnt), scale, shift); });
-      }
+  at::parallel_for(0, N * HW, task_grain(Ch), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      map_range(op + r * Ch, 0, Ch, [&](int64_t j, int64_t cnt) {
+        const V v = at::vec::fmadd(load_acc_n(zp + r * Ch + j, cnt), load_acc_n(scale + j, cnt), load_acc_n(shift + j, cnt));
+        return at::vec::maximum(v, zero);
+      });
     }
   });
+}
+
+// Mean and biased variance of each channel (two passes, sums in double per block: NCHW a channel's
+// N planes at a time, NHWC vectors of channels along the rows), then out = relu(BN(z)).
+template <typename A>
+void batch_norm_relu_kernel(const at::Tensor& z, Layout layout, const at::Tensor& weight, const at::Tensor& bias,
+                            double eps, const at::Tensor& out, const at::Tensor& mean, const at::Tensor& invstd) {
+  using V = Vectorized<A>;
+  const int64_t N = z.size(0), Ch = z.size(1), HW = z.size(2) * z.size(3);
+  const A* zp = z.const_data_ptr<A>();
+  const double count = static_cast<double>(N * HW);
+  std::vector<double> sums(Ch, 0.0), squares(Ch, 0.0);  // sum z, sum (z - mean)^2 (mean in A)
+  if (layout == Layout::NHWC) {
+    sums = nhwc_channel_sums<A, 1>(N * HW, Ch, [&](int64_t r, int64_t j, int64_t cnt, V(&t)[1]) {
+      t[0] = load_acc_n(zp + r * Ch + j, cnt);
+    })[0];
+    std::vector<A> mu(Ch);
+    for (int64_t c = 0; c < Ch; ++c) mu[c] = static_cast<A>(sums[c] / count);
+    squares = nhwc_channel_sums<A, 1>(N * HW, Ch, [&](int64_t r, int64_t j, int64_t cnt, V(&t)[1]) {
+      const V d = load_acc_n(zp + r * Ch + j, cnt) - load_acc_n(mu.data() + j, cnt);
+      t[0] = d * d;
+    })[0];
+  } else {
+    at::parallel_for(0, Ch, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const auto plane = [&](int64_t n) { return zp + (n * Ch + c) * HW; };
+        for (int64_t n = 0; n < N; ++n) {
+          sums[c] += block_sum<A>(HW, [&](int64_t j, int64_t cnt) { return load_acc_n(plane(n) + j, cnt); });
+        }
+        const V mv(static_cast<A>(sums[c] / count));
+        for (int64_t n = 0; n < N; ++n) {
+          squares[c] += block_sum<A>(HW, [&](int64_t j, int64_t cnt) {
+            const V d = load_acc_n(plane(n) + j, cnt) - mv;
+            return cnt == V::size() ? d * d : V::set(V(A(0)), d * d, cnt);
+          });
+        }
+      }
+    });
+  }
+  std::vector<A> scale(Ch), shift(Ch);
+  for (int64_t c = 0; c < Ch; ++c) {
+    const double mu = sums[c] / count, is = 1.0 / std::sqrt(squares[c] / count + eps);
+    const double w = weight.const_data_ptr<A>()[c];
+    mean.data_ptr<A>()[c] = static_cast<A>(mu);
+    invstd.data_ptr<A>()[c] = static_cast<A>(is);
+    scale[c] = static_cast<A>(w * is);
+    shift[c] = static_cast<A>(bias.const_data_ptr<A>()[c] - mu * w * is);
+  }
+  scale_shift_relu_kernel<A>(z, layout, scale.data(), shift.data(), out);
 }
 
 // The ReLU's mask applied to its output's grad: g where the ReLU's output is positive.
@@ -238,8 +249,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backward_cpu(cons
   return {gz, gw, gb};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_train_cpu(const at::Tensor& z, const at::Tensor& weight,
-                                                                    const at::Tensor& bias, double eps) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_train_cpu(const at::Tensor& z,
+                                                                         const at::Tensor& weight,
+                                                                         const at::Tensor& bias, double eps) {
   const Layout layout = layout_of(z);
   TORCH_INTERNAL_ASSERT(use_vec_kernels() && z.dim() == 4 && z.is_contiguous(memory_format_of(layout)) &&
                         (z.scalar_type() == at::kFloat || z.scalar_type() == at::kDouble) &&
@@ -248,10 +260,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_train_cpu(const at::Te
   at::Tensor out = at::empty_like(z);
   at::Tensor mean = at::empty({Ch}, z.options());
   at::Tensor invstd = at::empty({Ch}, z.options());
-  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "attnkern_batch_norm_train_cpu", [&] {
-    batch_norm_kernel<scalar_t>(z, layout, weight.contiguous(), bias.contiguous(), eps, out, mean, invstd);
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "attnkern_batch_norm_relu_train_cpu", [&] {
+    batch_norm_relu_kernel<scalar_t>(z, layout, weight.contiguous(), bias.contiguous(), eps, out, mean, invstd);
   });
   return {out, mean, invstd};
+}
+
+at::Tensor scale_shift_relu_cpu(const at::Tensor& z, const at::Tensor& scale, const at::Tensor& shift) {
+  const Layout layout = layout_of(z);
+  TORCH_INTERNAL_ASSERT(use_vec_kernels() && z.dim() == 4 && z.is_contiguous(memory_format_of(layout)) &&
+                        (z.scalar_type() == at::kFloat || z.scalar_type() == at::kDouble) &&
+                        scale.scalar_type() == z.scalar_type() && shift.scalar_type() == z.scalar_type());
+  at::Tensor out = at::empty_like(z);
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "attnkern_scale_shift_relu_cpu", [&] {
+    const at::Tensor sc = scale.contiguous(), sh = shift.contiguous();
+    scale_shift_relu_kernel<scalar_t>(z, layout, sc.const_data_ptr<scalar_t>(), sh.const_data_ptr<scalar_t>(), out);
+  });
+  return out;
 }
 
 }  // namespace attnkern::cpu

@@ -120,12 +120,16 @@ at::Tensor bam_wide_conv_cpu(const at::Tensor& a, const at::Tensor& weight, cons
 // kernels.
 constexpr int64_t kWeightGradTaps = 3;
 at::Tensor bam_conv_weight_grad_cpu(const at::Tensor& grad, const at::Tensor& a, int64_t dilation);
-// BatchNorm over a map's batch statistics, as at::native_batch_norm in training without running
-// statistics: (normalized, mean, invstd), for float / double maps in either layout, weight and
-// bias in their dtype. ATen's kernel took ~100 us for 100 k values here (benchmarks/NOTES.md).
-// Needs the vector kernels.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_train_cpu(const at::Tensor& z, const at::Tensor& weight,
-                                                                    const at::Tensor& bias, double eps);
+// relu(BatchNorm(z)) with the map's batch statistics, as at::native_batch_norm in training without
+// running statistics and a ReLU: (relu(normalized), mean, invstd), for float / double maps in
+// either layout, weight and bias in their dtype. ATen's BN took ~100 us for 100 k values here
+// (benchmarks/NOTES.md). Needs the vector kernels.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_train_cpu(const at::Tensor& z,
+                                                                         const at::Tensor& weight,
+                                                                         const at::Tensor& bias, double eps);
+// relu(z * scale[c] + shift[c]) for each channel c of a float / double map in either layout, scale
+// and shift (Ch,) in its dtype. Needs the vector kernels.
+at::Tensor scale_shift_relu_cpu(const at::Tensor& z, const at::Tensor& scale, const at::Tensor& shift);
 // The backward of act = relu(BN(z)) with the batch's statistics (mean, invstd) and weight, from
 // grad (of act): (grad of z, of the BN's weight, of its bias), as ATen's threshold_backward and
 // native_batch_norm_backward compute them, in two passes. z, act, grad: float / double, one
