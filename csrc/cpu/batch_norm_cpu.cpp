@@ -156,11 +156,6 @@ void bn_relu_backward_kernel(const at::Tensor& grad, const at::Tensor& act, cons
   const A* mp = mean.const_data_ptr<A>();
   A* out = gz.data_ptr<A>();
   std::vector<double> s1(Ch, 0.0), s2(Ch, 0.0);  // sum g, sum g (z - mean)
-  const auto add_sums = [&](const A* g, const A* a, const A* zr, const V& mv, int64_t cnt, V& a1, V& a2) {
-    const V gm = relu_grad(load_acc_n(g, cnt), load_acc_n(a, cnt));  // lanes past cnt load zeros
-    a1 = a1 + gm;
-    a2 = at::vec::fmadd(gm, load_acc_n(zr, cnt) - mv, a2);
-  };
   if (layout == Layout::NCHW) {
     at::parallel_for(0, Ch, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
@@ -169,7 +164,10 @@ void bn_relu_backward_kernel(const at::Tensor& grad, const at::Tensor& act, cons
           const int64_t off = (n * Ch + c) * HW;
           V a1(A(0)), a2(A(0));
           for (int64_t j = 0; j < HW; j += L) {
-            add_sums(gp + off + j, ap + off + j, zp + off + j, mv, std::min(L, HW - j), a1, a2);
+            const int64_t cnt = std::min(L, HW - j);
+            const V gm = relu_grad(load_acc_n(gp + off + j, cnt), load_acc_n(ap + off + j, cnt));  // zeros past cnt
+            a1 = a1 + gm;
+            a2 = at::vec::fmadd(gm, load_acc_n(zp + off + j, cnt) - mv, a2);
           }
           s1[c] += hsum(a1);
           s2[c] += hsum(a2);
