@@ -535,7 +535,7 @@ void wide_conv_kernel(const Tensor& a, const Tensor& weight, const Tensor& bias,
         for (int64_t w0 = 0; w0 < W; w0 += kR) {
           for (int64_t o0 = 0; o0 < Co; o0 += kBlock) {
             wide_tile<A>(padded.data(), Ci, pd.pw, k, d, wp + o0, Co_pad, bp + o0, h, w0, std::min(kR, W - w0),
-                             std::min(kBlock, Co - o0), op + n * sn + o0 * sc + h * sh + w0 * sw, sw, sc);
+                         std::min(kBlock, Co - o0), op + n * sn + o0 * sc + h * sh + w0 * sw, sw, sc);
           }
         }
       }

@@ -18,6 +18,7 @@ template <typename A, int64_t K, typename F>
 std::array<std::vector<double>, K> nhwc_channel_sums(int64_t rows, int64_t Ch, const F& f) {
   using V = Vectorized<A>;
   constexpr int64_t L = V::size(), kBlockRows = 256, kRows = 4;  // kRows rows at a time: independent adds
+  static_assert(kRows == 4, "the partial sums below add four row accumulators");
   const int64_t blocks = divup(rows, kBlockRows);
   std::vector<A> partial(K * blocks * Ch);
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
