@@ -19,8 +19,9 @@ namespace {
 // kSum / kProduct: exp(-a) per element. kSafe: the maps hold non-finite or huge values, so
 // a = +-inf and NaN are handled explicitly (the vector exp clamps its input). kLog2Product: the
 // product form with the channel operand scaled by -log2(e) beforehand (float maps within 1e18):
-// exp(-a) = 2^(c * s), one multiply instead of two.
-enum Mode { kFactored, kSum, kProduct, kLog2Product };
+// exp(-a) = 2^(c * s), one multiply instead of two. kDirect (the input gradient's second pass):
+// the source already holds grad * (1 + M), written by the combine backward; no maps.
+enum Mode { kFactored, kSum, kProduct, kLog2Product, kDirect };
 
 constexpr double kLog2E = 1.4426950408889634;
 
@@ -116,6 +117,17 @@ struct Maps {
   const A* s;
 };
 
+// src * (1 + M) for one vector of the input gradient's pass, M = attention(c(), s()); kDirect: src
+// is that product already, and the maps are not read.
+template <int kMode, bool kSafe, typename A, typename C, typename S>
+inline Vectorized<A> direct_term(const Vectorized<A>& src, const C& c, const S& s) {
+  if constexpr (kMode == kDirect) {
+    return src;
+  } else {
+    return at::vec::fmadd(src, attention<kMode, kSafe>(c(), s()), src);
+  }
+}
+
 // ---- bam_combine / bam_input_grad -----------------------------------------------------------
 
 // out = src * (1 + M) (+ add[n, c] + extra, for the input gradient: src = grad, add =
@@ -131,15 +143,13 @@ void combine_kernel(const at::Tensor& src, Layout layout, const Maps<acc_t<T>>& 
   if (layout == Layout::NCHW) {
     // Whole planes in storage order (as apply_gates in cbam_cpu.cpp), the spatial map re-read from cache.
     parallel_rows(N * C, HW, [&](int64_t p, int64_t j0, int64_t j1) {
-      const A* s = maps.s + (p / C) * HW;
       const T* xr = sp + p * HW;
       const T* er = extra ? extra + p * HW : nullptr;
-      const V cv(maps.c[p]);
       const V addv(add ? add[p] : A(0));
       map_range(op + p * HW, j0, j1, [&](int64_t j, int64_t cnt) {
-        const V r = attention<kMode, kSafe>(cv, load_acc_n(s + j, cnt));
-        const V x = load_n(xr + j, cnt);
-        V y = at::vec::fmadd(x, r, x);
+        V y = direct_term<kMode, kSafe>(
+            load_n(xr + j, cnt), [&] { return V(maps.c[p]); },
+            [&] { return load_acc_n(maps.s + (p / C) * HW + j, cnt); });
         if (add != nullptr) {
           y = y + addv;
         }
@@ -153,16 +163,14 @@ void combine_kernel(const at::Tensor& src, Layout layout, const Maps<acc_t<T>>& 
   }
   const Tasks tk = nhwc_chunks(N, C, HW);
   run_tasks(tk, 2 * divup(HW, tk.nch) * C, [&](int64_t, int64_t n, int64_t r0, int64_t r1) {
-    const A* cm = maps.c + n * C;
     const A* addr = add ? add + n * C : nullptr;
     for (int64_t row = n * HW + r0; row < n * HW + r1; ++row) {
       const T* xr = sp + row * C;
       const T* er = extra ? extra + row * C : nullptr;
-      const V sv(maps.s[row]);
       map_range(op + row * C, 0, C, [&](int64_t j, int64_t cnt) {
-        const V r = attention<kMode, kSafe>(load_acc_n(cm + j, cnt), sv);
-        const V x = load_n(xr + j, cnt);
-        V y = at::vec::fmadd(x, r, x);
+        V y = direct_term<kMode, kSafe>(
+            load_n(xr + j, cnt), [&] { return load_acc_n(maps.c + n * C + j, cnt); },
+            [&] { return V(maps.s[row]); });
         if (addr != nullptr) {
           y = y + load_acc_n(addr + j, cnt);
         }
@@ -211,21 +219,21 @@ inline void nchw_reduce_grad_tile(const T* grad, const Maps<acc_t<T>>& maps, con
     for (int64_t v = 0; v < kPixTile; ++v) in[v] = load_acc_n(dr + k * HW + v * L, cnt(v));
     accumulate_row(in, rt.w + k * rt.C_pad + c0, 1, acc);
   }
-  const A* s = maps.s + n * HW + p0;
   for (int64_t r = 0; r < kChanTile; ++r) {
     if (r >= rows) {
       break;
     }
     const int64_t q = n * C + c0 + r;
-    const V cv(maps.c[q]);
     const V addv(add[q]);
     const T* g = grad + q * HW + p0;
     T* o = out + q * HW + p0;
     for (int64_t v = 0; v < kPixTile; ++v) {
       const int64_t m = cnt(v);
       if (m > 0) {
-        const V gv = load_n(g + v * L, m);
-        const V y = at::vec::fmadd(gv, attention<kMode, kSafe>(cv, load_acc_n(s + v * L, m)), gv) + addv + acc[r][v];
+        const V y = direct_term<kMode, kSafe>(
+                        load_n(g + v * L, m), [&] { return V(maps.c[q]); },
+                        [&] { return load_acc_n(maps.s + n * HW + p0 + v * L, m); }) +
+                    addv + acc[r][v];
         m == L ? vstore(o + v * L, y) : vstore(o + v * L, y, m);
       }
     }
@@ -249,18 +257,17 @@ inline void nhwc_reduce_grad_tile(const T* grad, const Maps<acc_t<T>>& maps, con
     for (int64_t v = 0; v < kColTile; ++v) wv[v] = V::loadu(rt.w + k * rt.C_pad + c0 + v * L);
     accumulate_row(wv, dr + k, rt.Cr, acc);
   }
-  const A* cm = maps.c + n * C;
   const A* addr = add + n * C;
   for (int64_t p = 0; p < kRows; ++p) {
-    const V sv(maps.s[row + p]);
     const T* g = grad + (row + p) * C;
     T* o = out + (row + p) * C;
     for (int64_t v = 0; v < kColTile; ++v) {
       const int64_t c = c0 + v * L, m = kFull ? L : std::min(L, C - c);
       if (m > 0) {
-        const V gv = load_n(g + c, m);
-        const V att = attention<kMode, kSafe>(load_acc_n(cm + c, m), sv);
-        const V y = at::vec::fmadd(gv, att, gv) + load_acc_n(addr + c, m) + acc[p][v];
+        const V y = direct_term<kMode, kSafe>(
+                        load_n(g + c, m), [&] { return load_acc_n(maps.c + n * C + c, m); },
+                        [&] { return V(maps.s[row + p]); }) +
+                    load_acc_n(addr + c, m) + acc[p][v];
         m == L ? vstore(o + c, y) : vstore(o + c, y, m);
       }
     }
@@ -322,10 +329,13 @@ void reduce_input_grad_kernel(const at::Tensor& grad, Layout layout, const Maps<
 // ---- bam_combine_backward -------------------------------------------------------------------
 
 // t = grad * x * M * (1 - M); grad_channel[n, c] = sum_hw t (* sa),
-// grad_spatial[n, hw] = sum_c t (* ca): both reductions in one pass.
-template <typename T, int kMode, bool kSafe>
+// grad_spatial[n, hw] = sum_c t (* ca): both reductions in one pass. kWithDirect: the pass also
+// writes dx's direct term grad * (1 + M) to `direct` (x's layout and dtype), so that the input
+// gradient's pass needs no exp.
+template <typename T, int kMode, bool kSafe, bool kWithDirect>
 void combine_backward_kernel(const at::Tensor& grad, const at::Tensor& x, Layout layout, const Maps<acc_t<T>>& maps,
-                             const acc_t<T>* ca, const acc_t<T>* sa, const at::Tensor& gc, const at::Tensor& gs) {
+                             const acc_t<T>* ca, const acc_t<T>* sa, const at::Tensor& gc, const at::Tensor& gs,
+                             T* direct) {
   using A = acc_t<T>;
   using V = Vectorized<A>;
   constexpr int64_t L = V::size();
@@ -334,9 +344,16 @@ void combine_backward_kernel(const at::Tensor& grad, const at::Tensor& x, Layout
   const T* xp = x.const_data_ptr<T>();
   const T* gp = grad.const_data_ptr<T>();
   A* gsp = gs.data_ptr<A>();
-  auto t_of = [&](const V& g, const V& xv, const V& cv, const V& sv) {
+  // t for one vector at offset j of a row (grad, x, direct rows at gr, xr, dr), storing the direct
+  // term where asked.
+  auto t_of = [&](const T* gr, const T* xr, T* dr, int64_t j, int64_t cnt, const V& cv, const V& sv) {
+    const V g = load_n(gr + j, cnt);
     const V m = attention<kMode, kSafe>(cv, sv);
-    return (g * xv) * (m * (V(A(1)) - m));
+    if constexpr (kWithDirect) {
+      const V d = at::vec::fmadd(g, m, g);
+      cnt == L ? vstore(dr + j, d) : vstore(dr + j, d, cnt);
+    }
+    return (g * load_n(xr + j, cnt)) * (m * (V(A(1)) - m));
   };
   if (layout == Layout::NCHW) {
     const Tasks tk = nchw_tiles<T>(N, C, HW, kTile);
@@ -355,12 +372,13 @@ void combine_backward_kernel(const at::Tensor& grad, const at::Tensor& x, Layout
         const int64_t p = n * C + c;
         const T* xr = xp + p * HW + h0;
         const T* gr = gp + p * HW + h0;
+        T* dr = kWithDirect ? direct + p * HW + h0 : nullptr;
         const V cv(maps.c[p]);
         const V cav(ca[p]);
         V rs0(A(0)), rs1(A(0));
         int64_t j = 0;
         auto step = [&](int64_t jj, int64_t cnt, V& rs) {
-          V tv = t_of(load_n(gr + jj, cnt), load_n(xr + jj, cnt), cv, load_acc_n(s + jj, cnt));
+          V tv = t_of(gr, xr, dr, jj, cnt, cv, load_acc_n(s + jj, cnt));
           if (cnt < L) {  // the padding lanes may hold NaN (inf * 0) when a map is infinite
             tv = V::set(V(A(0)), tv, cnt);
           }
@@ -402,11 +420,12 @@ void combine_backward_kernel(const at::Tensor& grad, const at::Tensor& x, Layout
       const int64_t row = n * HW + hw;
       const T* xr = xp + row * C;
       const T* gr = gp + row * C;
+      T* dr = kWithDirect ? direct + row * C : nullptr;
       const V sv(maps.s[row]);
       const V sav(sa[row]);
       V rs0(A(0)), rs1(A(0));
       auto step = [&](int64_t j, int64_t cnt, V& rs) {
-        V tv = t_of(load_n(gr + j, cnt), load_n(xr + j, cnt), load_acc_n(cm + j, cnt), sv);
+        V tv = t_of(gr, xr, dr, j, cnt, load_acc_n(cm + j, cnt), sv);
         if (cnt < L) {  // the padding lanes may hold NaN (inf * 0) when a map is infinite
           tv = V::set(V(A(0)), tv, cnt);
         }
@@ -554,6 +573,18 @@ void with_mode(int mode, bool safe, const F& f) {
   }
 }
 
+// grad_avg / HW: the average pool's gradient at each pixel (grad_avg (N, C) in acc).
+template <typename A>
+std::vector<A> per_pixel(const Tensor& grad_avg, const Tensor& x) {
+  const A* g = grad_avg.const_data_ptr<A>();
+  const A hw = A(x.size(2) * x.size(3));
+  std::vector<A> out(grad_avg.numel());
+  for (size_t i = 0; i < out.size(); ++i) {
+    out[i] = g[i] / hw;
+  }
+  return out;
+}
+
 }  // namespace
 
 Tensor bam_combine_cpu(const Tensor& x_in, const Tensor& ca_in, const Tensor& sa_in, bool product) {
@@ -580,17 +611,9 @@ Tensor bam_combine_cpu(const Tensor& x_in, const Tensor& ca_in, const Tensor& sa
 
 namespace {
 
-// The reduce conv's part of dx, computed inside the pass (bam_input_grad_reduce_cpu).
-struct ReduceGrad {
-  Tensor weight;       // (Cr, C) or (Cr, C, 1, 1)
-  Tensor grad_output;  // (N, Cr, H, W), acc
-};
-
-// bam_input_grad; into_partial: dx overwrites grad_x_partial (in x's layout) element by element;
-// reduce: the reduce conv's input gradient is added in the pass (then no partial).
+// bam_input_grad; into_partial: dx overwrites grad_x_partial (in x's layout) element by element.
 Tensor input_grad(const Tensor& grad_in, const Tensor& x_in, const Tensor& ca_in, const Tensor& sa_in, bool product,
-                  const optional<Tensor>& ga_in, const optional<Tensor>& partial_in, bool into_partial,
-                  const ReduceGrad* reduce = nullptr) {
+                  const optional<Tensor>& ga_in, const optional<Tensor>& partial_in, bool into_partial) {
   constexpr const char* op = "attnkern::bam_input_grad";
   const Args a = prepare(op, x_in, ca_in, sa_in);
   check_like_x(op, "grad", grad_in, x_in);
@@ -601,7 +624,6 @@ Tensor input_grad(const Tensor& grad_in, const Tensor& x_in, const Tensor& ca_in
   if (partial_in.has_value()) {
     check_like_x(op, "grad_x_partial", *partial_in, x_in);
   }
-  TORCH_INTERNAL_ASSERT(reduce == nullptr || (use_vec_kernels() && !partial_in.has_value() && ga.has_value()));
   if (!use_vec_kernels()) {
     auto dx = acc(grad_in) * (1 + attention_ref(a.ca, a.sa, product));
     if (ga.has_value()) {
@@ -624,40 +646,12 @@ Tensor input_grad(const Tensor& grad_in, const Tensor& x_in, const Tensor& ca_in
     using A = acc_t<scalar_t>;
     std::vector<A> store;
     const MapsPlan<A> plan = maps_for<A>(a, product, store);
-    std::vector<A> ga_hw;  // grad_avg / HW
-    if (ga.has_value()) {
-      const A* g = ga->const_data_ptr<A>();
-      const A hw = A(x_in.size(2) * x_in.size(3));
-      ga_hw.resize(ga->numel());
-      for (size_t i = 0; i < ga_hw.size(); ++i) {
-        ga_hw[i] = g[i] / hw;
-      }
-    }
+    const std::vector<A> ga_hw = ga.has_value() ? per_pixel<A>(*ga, x_in) : std::vector<A>();
     const A* gap = ga.has_value() ? ga_hw.data() : nullptr;
     const scalar_t* pp = partial.has_value() ? partial->const_data_ptr<scalar_t>() : nullptr;
-    Tensor w_pad, dr;  // ReduceTerms' storage
-    optional<ReduceTerms<A>> rt;
-    if (reduce != nullptr) {
-      const int64_t C = x_in.size(1);
-      const Tensor w = reduce->weight.reshape({-1, C});
-      const int64_t Cr = w.size(0);
-      constexpr int64_t kTileCols = kColTile * Vectorized<A>::size();  // a multiple of kChanTile
-      // The weights as the reduce conv took them (in x's dtype), held in acc.
-      w_pad = at::zeros({Cr, divup(C, kTileCols) * kTileCols}, w.options().dtype(a.acc));
-      w_pad.narrow(1, 0, C).copy_(w.to(x_in.scalar_type()));
-      dr = in_layout(reduce->grad_output, a.layout);
-      TORCH_INTERNAL_ASSERT(dr.scalar_type() == a.acc && dr.size(0) == x_in.size(0) && dr.size(1) == Cr &&
-                            dr.size(2) == x_in.size(2) && dr.size(3) == x_in.size(3));
-      rt = ReduceTerms<A>{w_pad.const_data_ptr<A>(), w_pad.size(1), dr.const_data_ptr<A>(), Cr};
-    }
     with_mode(plan.mode, plan.safe, [&](auto kmode, auto ksafe) {
-      constexpr int kMode = decltype(kmode)::value;
-      constexpr bool kSafe = decltype(ksafe)::value;
-      if (rt.has_value()) {
-        reduce_input_grad_kernel<scalar_t, kMode, kSafe>(grad, a.layout, plan.maps, gap, *rt, dx);
-      } else {
-        combine_kernel<scalar_t, kMode, kSafe>(grad, a.layout, plan.maps, gap, pp, dx);
-      }
+      combine_kernel<scalar_t, decltype(kmode)::value, decltype(ksafe)::value>(grad, a.layout, plan.maps, gap, pp,
+                                                                               dx);
     });
   });
   return dx;
@@ -670,10 +664,35 @@ Tensor bam_input_grad_cpu(const Tensor& grad, const Tensor& x, const Tensor& ca,
   return input_grad(grad, x, ca, sa, product, grad_avg, grad_x_partial, false);
 }
 
-Tensor bam_input_grad_reduce_cpu(const Tensor& grad, const Tensor& x, const Tensor& ca, const Tensor& sa, bool product,
-                                 const Tensor& grad_avg, const Tensor& reduce_weight, const Tensor& grad_reduce) {
-  const ReduceGrad reduce{reduce_weight, grad_reduce};
-  return input_grad(grad, x, ca, sa, product, grad_avg, std::nullopt, false, &reduce);
+Tensor bam_input_grad_reduce_cpu(const Tensor& direct, const Tensor& grad_avg, const Tensor& reduce_weight,
+                                 const Tensor& grad_reduce) {
+  const Layout layout = layout_of(direct);
+  const auto acc_type = acc_type_of(direct.scalar_type());
+  const int64_t N = direct.size(0), C = direct.size(1), H = direct.size(2), W = direct.size(3);
+  const Tensor w = reduce_weight.reshape({-1, C});
+  const int64_t Cr = w.size(0);
+  TORCH_INTERNAL_ASSERT(use_vec_kernels() && direct.is_contiguous(memory_format_of(layout)) &&
+                        grad_avg.scalar_type() == acc_type && grad_avg.is_contiguous() &&
+                        grad_avg.numel() == N * C && grad_reduce.scalar_type() == acc_type &&
+                        grad_reduce.size(0) == N && grad_reduce.size(1) == Cr && grad_reduce.size(2) == H &&
+                        grad_reduce.size(3) == W);
+  if (direct.numel() == 0) {
+    return direct;
+  }
+  const Tensor dr = in_layout(grad_reduce, layout);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, direct.scalar_type(), "attnkern_bam_input_grad_reduce_cpu",
+                                  [&] {
+    using A = acc_t<scalar_t>;
+    constexpr int64_t kTileCols = kColTile * Vectorized<A>::size();  // a multiple of kChanTile
+    // The weights as the reduce conv took them (in x's dtype), held in acc.
+    const Tensor w_pad = at::zeros({Cr, divup(C, kTileCols) * kTileCols}, w.options().dtype(acc_type));
+    w_pad.narrow(1, 0, C).copy_(w.to(direct.scalar_type()));
+    const ReduceTerms<A> rt{w_pad.const_data_ptr<A>(), w_pad.size(1), dr.const_data_ptr<A>(), Cr};
+    const std::vector<A> ga_hw = per_pixel<A>(grad_avg, direct);
+    reduce_input_grad_kernel<scalar_t, kDirect, false>(direct, layout, Maps<A>{nullptr, nullptr}, ga_hw.data(), rt,
+                                                       direct);
+  });
+  return direct;
 }
 
 Tensor bam_input_grad_into_partial_cpu(const Tensor& grad, const Tensor& x, const Tensor& ca, const Tensor& sa,
@@ -681,8 +700,12 @@ Tensor bam_input_grad_into_partial_cpu(const Tensor& grad, const Tensor& x, cons
   return input_grad(grad, x, ca, sa, product, grad_avg, grad_x_partial, true);
 }
 
-std::tuple<Tensor, Tensor> bam_combine_backward_cpu(const Tensor& grad_in, const Tensor& x_in, const Tensor& ca_in,
-                                                    const Tensor& sa_in, bool product) {
+namespace {
+
+// bam_combine_backward; with_direct: also dx's direct term grad * (1 + M) (x's layout and dtype),
+// else that is left undefined.
+std::tuple<Tensor, Tensor, Tensor> combine_backward(const Tensor& grad_in, const Tensor& x_in, const Tensor& ca_in,
+                                                    const Tensor& sa_in, bool product, bool with_direct) {
   constexpr const char* op = "attnkern::bam_combine_backward";
   const Args a = prepare(op, x_in, ca_in, sa_in);
   check_like_x(op, "grad", grad_in, x_in);
@@ -692,16 +715,18 @@ std::tuple<Tensor, Tensor> bam_combine_backward_cpu(const Tensor& grad_in, const
     auto t = acc(grad_in) * acc(x_in) * m * (1 - m);
     auto gc = (product ? t * a.sa.unsqueeze(1) : t).sum({2, 3});
     auto gs = (product ? t * a.ca.unsqueeze(-1).unsqueeze(-1) : t).sum(1);
-    return {gc, gs};
+    TORCH_INTERNAL_ASSERT(!with_direct, "the direct term is for the vector kernels' input gradient pass");
+    return {gc, gs, Tensor()};
   }
   Tensor grad = in_layout(grad_in, a.layout);
   auto opts = x_in.options().dtype(a.acc);
   Tensor gc = at::empty({N, C}, opts);
   Tensor gs = at::empty({N, H, W}, opts);
+  Tensor direct = with_direct ? at::empty_like(a.x) : Tensor();
   if (N * C * H * W == 0) {  // empty sums are zero
     gc.zero_();
     gs.zero_();
-    return {gc, gs};
+    return {gc, gs, direct};
   }
   const auto dtype = a.x.scalar_type();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "attnkern_bam_combine_backward_cpu", [&] {
@@ -711,11 +736,32 @@ std::tuple<Tensor, Tensor> bam_combine_backward_cpu(const Tensor& grad_in, const
     const A* ca = a.ca.const_data_ptr<A>();
     const A* sa = a.sa.const_data_ptr<A>();
     with_mode(plan.mode, plan.safe, [&](auto kmode, auto ksafe) {
-      combine_backward_kernel<scalar_t, decltype(kmode)::value, decltype(ksafe)::value>(grad, a.x, a.layout, plan.maps,
-                                                                                        ca, sa, gc, gs);
+      constexpr int kMode = decltype(kmode)::value;
+      constexpr bool kSafe = decltype(ksafe)::value;
+      if (with_direct) {
+        combine_backward_kernel<scalar_t, kMode, kSafe, true>(grad, a.x, a.layout, plan.maps, ca, sa, gc, gs,
+                                                              direct.data_ptr<scalar_t>());
+      } else {
+        combine_backward_kernel<scalar_t, kMode, kSafe, false>(grad, a.x, a.layout, plan.maps, ca, sa, gc, gs,
+                                                               nullptr);
+      }
     });
   });
+  return {gc, gs, direct};
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor> bam_combine_backward_cpu(const Tensor& grad, const Tensor& x, const Tensor& ca,
+                                                    const Tensor& sa, bool product) {
+  auto [gc, gs, direct] = combine_backward(grad, x, ca, sa, product, false);
   return {gc, gs};
+}
+
+std::tuple<Tensor, Tensor, Tensor> bam_combine_backward_with_direct_cpu(const Tensor& grad, const Tensor& x,
+                                                                        const Tensor& ca, const Tensor& sa,
+                                                                        bool product) {
+  return combine_backward(grad, x, ca, sa, product, true);
 }
 
 }  // namespace attnkern::cpu

@@ -435,15 +435,23 @@ BackwardOutputs bam_fused_backward_cpu(const Tensor& grad_in, const Tensor& x_in
   const vector<Bn> bns = bn_list(weights, biases, bn_weights, bn_biases, bn_means, bn_vars, bn_eps, bn_training);
   TORCH_CHECK(hidden.size() == bns.size(), "attnkern::bam_fused_backward: expected ", bns.size(),
               " hidden maps, got ", hidden.size());
-  auto [grad_channel, grad_spatial] = bam_combine_backward_cpu(grad, x, channel_att, spatial_att, product);
+  // The 1x1 reduce conv's input gradient is added inside dx's pass where the forward's kernel
+  // took that conv (bam_input_grad_reduce_cpu, after the combine backward's pass wrote dx's direct
+  // term), and its weight grad is ours too.
+  const bool reduce_in_pass = use_vec_kernels() && reduce_in_kernels(weights[kChannelLayers], acc);
+  Tensor grad_channel, grad_spatial, dx;
+  if (reduce_in_pass) {
+    std::tie(grad_channel, grad_spatial, dx) =
+        bam_combine_backward_with_direct_cpu(grad, x, channel_att, spatial_att, product);
+  } else {
+    std::tie(grad_channel, grad_spatial) = bam_combine_backward_cpu(grad, x, channel_att, spatial_att, product);
+  }
   const StackGrads channel =
       stack_backward(grad_channel.view({n, c, 1, 1}), avg.view({n, c, 1, 1}), channel_weights(weights),
                      biases.slice(0, kChannelLayers), {bns[0]}, hidden.slice(0, 1), 1, acc);
-  // The 1x1 reduce conv's input gradient is added inside dx's pass where the forward's kernel
-  // took that conv (bam_input_grad_reduce_cpu), and its weight grad is ours too.
   Tensor grad_reduce, reduce_weight;
   const FirstConvBackward reduce_backward = [&](const Tensor& g, const Tensor& a, const Tensor& weight) {
-    if (!use_vec_kernels() || !reduce_in_kernels(weight, acc)) {
+    if (!reduce_in_pass) {
       return conv_backward(g.to(a.scalar_type()), a, weight.to(a.scalar_type()), dilation);
     }
     grad_reduce = in_layout(g, layout_of(a));  // once, for both kernels
@@ -455,11 +463,9 @@ BackwardOutputs bam_fused_backward_cpu(const Tensor& grad_in, const Tensor& x_in
                      vector<Bn>(bns.begin() + 1, bns.end()), hidden.slice(1), dilation, acc, reduce_backward);
   const Tensor grad_avg = channel.grad_input.view({n, c});
   // Otherwise the reduce conv's input gradient is this op's own temporary: dx overwrites it.
-  Tensor dx = grad_reduce.defined()
-                  ? bam_input_grad_reduce_cpu(grad, x, channel_att, spatial_att, product, grad_avg, reduce_weight,
-                                              grad_reduce)
-                  : bam_input_grad_into_partial_cpu(grad, x, channel_att, spatial_att, product, grad_avg,
-                                                    spatial.grad_input);
+  dx = reduce_in_pass ? bam_input_grad_reduce_cpu(dx, grad_avg, reduce_weight, grad_reduce)
+                      : bam_input_grad_into_partial_cpu(grad, x, channel_att, spatial_att, product, grad_avg,
+                                                        spatial.grad_input);
   return {dx, like_params(concat(channel.weights, spatial.weights), weights),
           like_params(concat(channel.biases, spatial.biases), biases),
           like_params(concat(channel.gammas, spatial.gammas), bn_weights),

@@ -144,15 +144,24 @@ at::Tensor bam_combine_cpu(const at::Tensor& x, const at::Tensor& channel_att, c
 std::tuple<at::Tensor, at::Tensor> bam_combine_backward_cpu(const at::Tensor& grad, const at::Tensor& x,
                                                             const at::Tensor& channel_att,
                                                             const at::Tensor& spatial_att, bool product);
+// bam_combine_backward that also writes dx's direct term grad * (1 + M) (x's layout and dtype) in
+// its pass: (grad_channel, grad_spatial, direct). The pass computes M anyway; the input gradient's
+// own pass then needs no exp (an exp per element was half of that pass's time). bf16 / fp16 dx is
+// thus rounded twice (the direct term, then the sum). Needs the vector kernels.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bam_combine_backward_with_direct_cpu(const at::Tensor& grad,
+                                                                                    const at::Tensor& x,
+                                                                                    const at::Tensor& channel_att,
+                                                                                    const at::Tensor& spatial_att,
+                                                                                    bool product);
 at::Tensor bam_input_grad_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& channel_att,
                               const at::Tensor& spatial_att, bool product, const std::optional<at::Tensor>& grad_avg,
                               const std::optional<at::Tensor>& grad_x_partial);
-// bam_input_grad whose grad_x_partial is the 1x1 reduce conv's input gradient, computed in the pass
-// (weight (Cr, C[, 1, 1]) as the conv took it, grad_reduce (N, Cr, H, W) in acc): dx = grad * (1 +
-// M) + grad_avg / HW + sum_k weight[k, c] * grad_reduce[n, k, hw]. ATen's GEMM wrote that term as
-// a full-size tensor in 3-8x a clone's time (benchmarks/NOTES.md). Needs the vector kernels.
-at::Tensor bam_input_grad_reduce_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& channel_att,
-                                     const at::Tensor& spatial_att, bool product, const at::Tensor& grad_avg,
+// The rest of bam_input_grad, in place, after bam_combine_backward_with_direct_cpu: direct += grad_avg
+// / HW + sum_k weight[k, c] * grad_reduce[n, k, hw], the 1x1 reduce conv's input gradient computed
+// in the pass (weight (Cr, C[, 1, 1]) as the conv took it; grad_avg (N, C) and grad_reduce (N, Cr,
+// H, W) in acc). ATen's GEMM wrote that term as a full-size tensor in 3-8x a clone's time
+// (benchmarks/NOTES.md). Returns direct, now dx. Needs the vector kernels.
+at::Tensor bam_input_grad_reduce_cpu(const at::Tensor& direct, const at::Tensor& grad_avg,
                                      const at::Tensor& reduce_weight, const at::Tensor& grad_reduce);
 // bam_input_grad written into grad_x_partial's memory (when it is in x's layout), which the caller
 // owns: no second full-size buffer, and the writes land on lines the pass has just read.
