@@ -462,7 +462,7 @@ BackwardOutputs bam_fused_backward_cpu(const Tensor& grad_in, const Tensor& x_in
       stack_backward(grad_spatial.view({n, 1, h, w}), x, spatial_weights(weights), biases.slice(kChannelLayers),
                      vector<Bn>(bns.begin() + 1, bns.end()), hidden.slice(1), dilation, acc, reduce_backward);
   const Tensor grad_avg = channel.grad_input.view({n, c});
-  // Otherwise the reduce conv's input gradient is this op's own temporary: dx overwrites it.
+  // Without reduce_in_pass the reduce conv's input gradient is this op's own temporary: dx overwrites it.
   dx = reduce_in_pass ? bam_input_grad_reduce_cpu(dx, grad_avg, reduce_weight, grad_reduce)
                       : bam_input_grad_into_partial_cpu(grad, x, channel_att, spatial_att, product, grad_avg,
                                                         spatial.grad_input);
