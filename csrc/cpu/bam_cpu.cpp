@@ -19,9 +19,8 @@ namespace {
 // kSum / kProduct: exp(-a) per element. kSafe: the maps hold non-finite or huge values, so
 // a = +-inf and NaN are handled explicitly (the vector exp clamps its input). kLog2Product: the
 // product form with the channel operand scaled by -log2(e) beforehand (float maps within 1e18):
-// exp(-a) = 2^(c * s), one multiply instead of two. kDirect (the input gradient's second pass):
-// the source already holds grad * (1 + M), written by the combine backward; no maps.
-enum Mode { kFactored, kSum, kProduct, kLog2Product, kDirect };
+// exp(-a) = 2^(c * s), one multiply instead of two.
+enum Mode { kFactored, kSum, kProduct, kLog2Product };
 
 constexpr double kLog2E = 1.4426950408889634;
 
@@ -117,17 +116,6 @@ struct Maps {
   const A* s;
 };
 
-// src * (1 + M) for one vector of the input gradient's pass, M = attention(c(), s()); kDirect: src
-// is that product already, and the maps are not read.
-template <int kMode, bool kSafe, typename A, typename C, typename S>
-inline Vectorized<A> direct_term(const Vectorized<A>& src, const C& c, const S& s) {
-  if constexpr (kMode == kDirect) {
-    return src;
-  } else {
-    return at::vec::fmadd(src, attention<kMode, kSafe>(c(), s()), src);
-  }
-}
-
 // ---- bam_combine / bam_input_grad -----------------------------------------------------------
 
 // out = src * (1 + M) (+ add[n, c] + extra, for the input gradient: src = grad, add =
@@ -143,13 +131,15 @@ void combine_kernel(const at::Tensor& src, Layout layout, const Maps<acc_t<T>>& 
   if (layout == Layout::NCHW) {
     // Whole planes in storage order (as apply_gates in cbam_cpu.cpp), the spatial map re-read from cache.
     parallel_rows(N * C, HW, [&](int64_t p, int64_t j0, int64_t j1) {
+      const A* s = maps.s + (p / C) * HW;
       const T* xr = sp + p * HW;
       const T* er = extra ? extra + p * HW : nullptr;
+      const V cv(maps.c[p]);
       const V addv(add ? add[p] : A(0));
       map_range(op + p * HW, j0, j1, [&](int64_t j, int64_t cnt) {
-        V y = direct_term<kMode, kSafe>(
-            load_n(xr + j, cnt), [&] { return V(maps.c[p]); },
-            [&] { return load_acc_n(maps.s + (p / C) * HW + j, cnt); });
+        const V r = attention<kMode, kSafe>(cv, load_acc_n(s + j, cnt));
+        const V x = load_n(xr + j, cnt);
+        V y = at::vec::fmadd(x, r, x);
         if (add != nullptr) {
           y = y + addv;
         }
@@ -163,14 +153,16 @@ void combine_kernel(const at::Tensor& src, Layout layout, const Maps<acc_t<T>>& 
   }
   const Tasks tk = nhwc_chunks(N, C, HW);
   run_tasks(tk, 2 * divup(HW, tk.nch) * C, [&](int64_t, int64_t n, int64_t r0, int64_t r1) {
+    const A* cm = maps.c + n * C;
     const A* addr = add ? add + n * C : nullptr;
     for (int64_t row = n * HW + r0; row < n * HW + r1; ++row) {
       const T* xr = sp + row * C;
       const T* er = extra ? extra + row * C : nullptr;
+      const V sv(maps.s[row]);
       map_range(op + row * C, 0, C, [&](int64_t j, int64_t cnt) {
-        V y = direct_term<kMode, kSafe>(
-            load_n(xr + j, cnt), [&] { return load_acc_n(maps.c + n * C + j, cnt); },
-            [&] { return V(maps.s[row]); });
+        const V r = attention<kMode, kSafe>(load_acc_n(cm + j, cnt), sv);
+        const V x = load_n(xr + j, cnt);
+        V y = at::vec::fmadd(x, r, x);
         if (addr != nullptr) {
           y = y + load_acc_n(addr + j, cnt);
         }
@@ -202,11 +194,10 @@ constexpr int64_t kLongPlaneBytes = 8 * 1024;   // see combine_backward_kernel
 
 // dx for channels [c0, c0 + rows) of sample n at pixels [p0, p0 + count), count <= kPixTile * L;
 // kFull: count is the whole tile. The kChanTile x kPixTile sums over k are kept in registers and
-// added as each element of dx is written.
-template <typename T, int kMode, bool kSafe, bool kFull>
-inline void nchw_reduce_grad_tile(const T* grad, const Maps<acc_t<T>>& maps, const acc_t<T>* add,
-                                  const ReduceTerms<acc_t<T>>& rt, int64_t C, int64_t HW, int64_t n, int64_t c0,
-                                  int64_t rows, int64_t p0, int64_t count, T* out) {
+// added to the direct term as each element of dx is written.
+template <typename T, bool kFull>
+inline void nchw_reduce_grad_tile(const T* direct, const acc_t<T>* add, const ReduceTerms<acc_t<T>>& rt, int64_t C,
+                                  int64_t HW, int64_t n, int64_t c0, int64_t rows, int64_t p0, int64_t count, T* out) {
   using A = acc_t<T>;
   using V = Vectorized<A>;
   constexpr int64_t L = V::size();
@@ -225,15 +216,12 @@ inline void nchw_reduce_grad_tile(const T* grad, const Maps<acc_t<T>>& maps, con
     }
     const int64_t q = n * C + c0 + r;
     const V addv(add[q]);
-    const T* g = grad + q * HW + p0;
+    const T* d = direct + q * HW + p0;
     T* o = out + q * HW + p0;
     for (int64_t v = 0; v < kPixTile; ++v) {
       const int64_t m = cnt(v);
       if (m > 0) {
-        const V y = direct_term<kMode, kSafe>(
-                        load_n(g + v * L, m), [&] { return V(maps.c[q]); },
-                        [&] { return load_acc_n(maps.s + n * HW + p0 + v * L, m); }) +
-                    addv + acc[r][v];
+        const V y = load_n(d + v * L, m) + addv + acc[r][v];
         m == L ? vstore(o + v * L, y) : vstore(o + v * L, y, m);
       }
     }
@@ -242,10 +230,9 @@ inline void nchw_reduce_grad_tile(const T* grad, const Maps<acc_t<T>>& maps, con
 
 // dx for kRows pixel rows of an NHWC sample (row: the first one's index in N * HW) at channels
 // [c0, c0 + kColTile * L) (those below C; kFull: all of them).
-template <int64_t kRows, bool kFull, typename T, int kMode, bool kSafe>
-inline void nhwc_reduce_grad_tile(const T* grad, const Maps<acc_t<T>>& maps, const acc_t<T>* add,
-                                  const ReduceTerms<acc_t<T>>& rt, int64_t C, int64_t n, int64_t row, int64_t c0,
-                                  T* out) {
+template <int64_t kRows, bool kFull, typename T>
+inline void nhwc_reduce_grad_tile(const T* direct, const acc_t<T>* add, const ReduceTerms<acc_t<T>>& rt, int64_t C,
+                                  int64_t n, int64_t row, int64_t c0, T* out) {
   using A = acc_t<T>;
   using V = Vectorized<A>;
   constexpr int64_t L = V::size();
@@ -259,29 +246,27 @@ inline void nhwc_reduce_grad_tile(const T* grad, const Maps<acc_t<T>>& maps, con
   }
   const A* addr = add + n * C;
   for (int64_t p = 0; p < kRows; ++p) {
-    const T* g = grad + (row + p) * C;
+    const T* d = direct + (row + p) * C;
     T* o = out + (row + p) * C;
     for (int64_t v = 0; v < kColTile; ++v) {
       const int64_t c = c0 + v * L, m = kFull ? L : std::min(L, C - c);
       if (m > 0) {
-        const V y = direct_term<kMode, kSafe>(
-                        load_n(g + c, m), [&] { return load_acc_n(maps.c + n * C + c, m); },
-                        [&] { return V(maps.s[row + p]); }) +
-                    load_acc_n(addr + c, m) + acc[p][v];
+        const V y = load_n(d + c, m) + load_acc_n(addr + c, m) + acc[p][v];
         m == L ? vstore(o + c, y) : vstore(o + c, y, m);
       }
     }
   }
 }
 
-// out = grad * (1 + M) + add[n, c] + the reduce conv's terms (rt), one pass writing out.
-template <typename T, int kMode, bool kSafe>
-void reduce_input_grad_kernel(const at::Tensor& grad, Layout layout, const Maps<acc_t<T>>& maps, const acc_t<T>* add,
+// out = direct + add[n, c] + the reduce conv's terms (rt), one pass writing out (which may be
+// direct: each element is read before it is written). direct: dx's direct term, grad * (1 + M).
+template <typename T>
+void reduce_input_grad_kernel(const at::Tensor& direct, Layout layout, const acc_t<T>* add,
                               const ReduceTerms<acc_t<T>>& rt, const at::Tensor& out) {
   using A = acc_t<T>;
   constexpr int64_t L = Vectorized<A>::size();
-  const int64_t N = grad.size(0), C = grad.size(1), HW = grad.size(2) * grad.size(3);
-  const T* gp = grad.const_data_ptr<T>();
+  const int64_t N = direct.size(0), C = direct.size(1), HW = direct.size(2) * direct.size(3);
+  const T* dp = direct.const_data_ptr<T>();
   T* op = out.data_ptr<T>();
   if (layout == Layout::NCHW) {
     // Tasks of kChanTile planes of one sample, walked along HW: a few streams each, the sample's dr
@@ -293,10 +278,10 @@ void reduce_input_grad_kernel(const at::Tensor& grad, Layout layout, const Maps<
         const int64_t n = t / blocks, c0 = (t % blocks) * kChanTile, rows = std::min(kChanTile, C - c0);
         int64_t p0 = 0;
         for (; p0 + kBlock <= HW; p0 += kBlock) {
-          nchw_reduce_grad_tile<T, kMode, kSafe, true>(gp, maps, add, rt, C, HW, n, c0, rows, p0, kBlock, op);
+          nchw_reduce_grad_tile<T, true>(dp, add, rt, C, HW, n, c0, rows, p0, kBlock, op);
         }
         if (p0 < HW) {
-          nchw_reduce_grad_tile<T, kMode, kSafe, false>(gp, maps, add, rt, C, HW, n, c0, rows, p0, HW - p0, op);
+          nchw_reduce_grad_tile<T, false>(dp, add, rt, C, HW, n, c0, rows, p0, HW - p0, op);
         }
       }
     });
@@ -309,10 +294,10 @@ void reduce_input_grad_kernel(const at::Tensor& grad, Layout layout, const Maps<
   const auto rows = [&](auto rows_c, int64_t n, int64_t row) {
     constexpr int64_t kRows = decltype(rows_c)::value;
     for (int64_t c0 = 0; c0 < full_cols; c0 += kCols) {
-      nhwc_reduce_grad_tile<kRows, true, T, kMode, kSafe>(gp, maps, add, rt, C, n, row, c0, op);
+      nhwc_reduce_grad_tile<kRows, true, T>(dp, add, rt, C, n, row, c0, op);
     }
     if (full_cols < C) {
-      nhwc_reduce_grad_tile<kRows, false, T, kMode, kSafe>(gp, maps, add, rt, C, n, row, full_cols, op);
+      nhwc_reduce_grad_tile<kRows, false, T>(dp, add, rt, C, n, row, full_cols, op);
     }
   };
   run_tasks(tk, (2 + rt.Cr / L) * divup(HW, tk.nch) * C, [&](int64_t, int64_t n, int64_t r0, int64_t r1) {
@@ -689,8 +674,7 @@ Tensor bam_input_grad_reduce_cpu(const Tensor& direct, const Tensor& grad_avg, c
     w_pad.narrow(1, 0, C).copy_(w.to(direct.scalar_type()));
     const ReduceTerms<A> rt{w_pad.const_data_ptr<A>(), w_pad.size(1), dr.const_data_ptr<A>(), Cr};
     const std::vector<A> ga_hw = per_pixel<A>(grad_avg, direct);
-    reduce_input_grad_kernel<scalar_t, kDirect, false>(direct, layout, Maps<A>{nullptr, nullptr}, ga_hw.data(), rt,
-                                                       direct);
+    reduce_input_grad_kernel<scalar_t>(direct, layout, ga_hw.data(), rt, direct);
   });
   return direct;
 }
