@@ -21,6 +21,9 @@
 // bam_wide_conv_cpu: the same convs on maps of up to kWideConvChannels channels, as the NHWC reduce
 // conv's tiles (pixels x vectors of outputs, here 6 x 2) over a zero-padded NHWC copy: on par with
 // oneDNN on large 16-channel maps, without its ~40-100 us of setup a call.
+// bam_logits_conv_cpu: the final 1x1 conv to one channel. These three apply the previous layer's
+// BN and ReLU (InputTransform) in the copy they make of their input anyway (the padded sample; the
+// logits conv's loads): ATen's ReLU and BN passes, a write and a read of each hidden map, go.
 //
 // Backward: bam_reduce_weight_grad_cpu (the reduce conv's weight grad: dR . X^T, NCHW sums along
 // pixel rows, NHWC broadcasts of dR against vectors of x's channels; its input grad is added in
@@ -45,6 +48,60 @@ inline Tensor zero_padded(const Tensor& v, int64_t len) {
   out.narrow(0, 0, v.numel()).copy_(v);
   return out;
 }
+
+// InputTransform as the conv kernels apply it while they copy their input: per channel c, v ->
+// relu(v * scale[c] + shift[c]) (scale 1 and shift 0 where only the ReLU is asked for), or v itself.
+template <typename A>
+class LoadTransform {
+ public:
+  using V = Vectorized<A>;
+
+  LoadTransform(const InputTransform& t, int64_t channels) : relu_(t.relu), scale_(channels, A(1)), shift_(channels, A(0)) {
+    if (t.scale.defined()) {
+      const Tensor sc = t.scale.to(c10::CppTypeToScalarType<A>::value).contiguous();
+      const Tensor sh = t.shift.to(c10::CppTypeToScalarType<A>::value).contiguous();
+      std::copy_n(sc.const_data_ptr<A>(), channels, scale_.data());
+      std::copy_n(sh.const_data_ptr<A>(), channels, shift_.data());
+    }
+  }
+
+  A scalar(A v, int64_t c) const {
+    return relu_ ? std::max(v * scale_[c] + shift_[c], A(0)) : v;
+  }
+  // v of channel c in every lane.
+  V channel(const V& v, int64_t c) const {
+    return relu_ ? at::vec::maximum(at::vec::fmadd(v, V(scale_[c]), V(shift_[c])), V(A(0))) : v;
+  }
+  // v of channels [j, j + cnt) in its lanes.
+  V channels(const V& v, int64_t j, int64_t cnt) const {
+    return relu_ ? at::vec::maximum(at::vec::fmadd(v, load_acc_n(scale_.data() + j, cnt), load_acc_n(shift_.data() + j, cnt)), V(A(0)))
+                 : v;
+  }
+  // count elements of channel c into dst.
+  void copy_row(const A* src, int64_t count, int64_t c, A* dst) const {
+    if (!relu_) {
+      std::copy(src, src + count, dst);
+      return;
+    }
+    map_range(dst, 0, count, [&](int64_t j, int64_t cnt) { return channel(load_acc_n(src + j, cnt), c); });
+  }
+  // count pixels of `channels` values each into dst.
+  void copy_pixels(const A* src, int64_t count, int64_t channels, A* dst) const {
+    if (!relu_) {
+      std::copy(src, src + count * channels, dst);
+      return;
+    }
+    for (int64_t p = 0; p < count; ++p) {
+      map_range(dst + p * channels, 0, channels, [&](int64_t j, int64_t cnt) {
+        return this->channels(load_acc_n(src + p * channels + j, cnt), j, cnt);
+      });
+    }
+  }
+
+ private:
+  bool relu_;
+  std::vector<A> scale_, shift_;
+};
 
 // v rounded to T (identity for float and double): the conv's output is in x's dtype, as in the
 // other backends (ops/bam.py _conv); only the bias is added in acc.
@@ -442,16 +499,18 @@ inline Padding padding_for(int64_t H, int64_t W, int64_t k, int64_t d, int64_t s
   return {pad, pw, (H + 2 * pad) * pw};
 }
 
-// An H x W plane into its padded copy, whose border and slack stay as they are (zero).
+// Channel c's H x W plane into its padded copy, whose border and slack stay as they are (zero).
 template <typename A>
-void pad_plane(const A* src, int64_t H, int64_t W, const Padding& pd, A* padded) {
+void pad_plane(const A* src, int64_t H, int64_t W, const Padding& pd, const LoadTransform<A>& tf, int64_t c,
+               A* padded) {
   for (int64_t h = 0; h < H; ++h) {
-    std::copy(src + h * W, src + (h + 1) * W, padded + (h + pd.pad) * pd.pw + pd.pad);
+    tf.copy_row(src + h * W, W, c, padded + (h + pd.pad) * pd.pw + pd.pad);
   }
 }
 
 template <typename A>
-void dilated_conv_kernel(const Tensor& a, const Tensor& weight, const Tensor& bias, int64_t d, const Tensor& out) {
+void dilated_conv_kernel(const Tensor& a, const Tensor& weight, const Tensor& bias, int64_t d,
+                         const LoadTransform<A>& tf, const Tensor& out) {
   constexpr int64_t L = Vectorized<A>::size(), kBlock = kPixVecs * L;
   const int64_t N = a.size(0), Ci = a.size(1), H = a.size(2), W = a.size(3), Co = weight.size(0), k = weight.size(2);
   const Padding pd = padding_for(H, W, k, d, kBlock);
@@ -468,7 +527,7 @@ void dilated_conv_kernel(const Tensor& a, const Tensor& weight, const Tensor& bi
     std::vector<A> padded(Ci * plane, A(0));  // the border and the slack stay zero
     for (int64_t n = n0; n < n1; ++n) {
       for (int64_t ic = 0; ic < Ci; ++ic) {
-        pad_plane(ap + (n * Ci + ic) * H * W, H, W, pd, padded.data() + ic * plane);
+        pad_plane(ap + (n * Ci + ic) * H * W, H, W, pd, tf, ic, padded.data() + ic * plane);
       }
       A* zs = op + n * Co * H * W;
       for (int64_t h = 0; h < H; ++h) {
@@ -510,8 +569,27 @@ inline void wide_tile(const A* padded, int64_t Ci, int64_t pw, int64_t k, int64_
   store_tile<A>(acc, [&](int64_t, int64_t v) { return V::loadu(bias + v * L); }, rows, stride, count, zs, col_stride);
 }
 
+// Sample n of a (NCHW or NHWC) into the NHWC padded copy, transformed: NCHW a is transposed here,
+// which saves a full copy of the map in the other layout.
 template <typename A>
-void wide_conv_kernel(const Tensor& a, const Tensor& weight, const Tensor& bias, int64_t d, const Tensor& out) {
+void pad_sample_nhwc(const A* ap, Layout layout, int64_t n, int64_t Ci, int64_t H, int64_t W, const Padding& pd,
+                     const LoadTransform<A>& tf, A* padded) {
+  for (int64_t h = 0; h < H; ++h) {
+    A* dst = padded + ((h + pd.pad) * pd.pw + pd.pad) * Ci;
+    if (layout == Layout::NHWC) {
+      tf.copy_pixels(ap + (n * H + h) * W * Ci, W, Ci, dst);
+      continue;
+    }
+    for (int64_t c = 0; c < Ci; ++c) {
+      const A* src = ap + ((n * Ci + c) * H + h) * W;
+      for (int64_t w = 0; w < W; ++w) dst[w * Ci + c] = tf.scalar(src[w], c);
+    }
+  }
+}
+
+template <typename A>
+void wide_conv_kernel(const Tensor& a, Layout layout, const Tensor& weight, const Tensor& bias, int64_t d,
+                      const LoadTransform<A>& tf, const Tensor& out) {
   constexpr int64_t kR = kWidePixels, kBlock = kWideVecs * Vectorized<A>::size();
   const int64_t N = a.size(0), Ci = a.size(1), H = a.size(2), W = a.size(3), Co = weight.size(0), k = weight.size(2);
   const Padding pd = padding_for(H, W, k, d, kR);
@@ -527,10 +605,7 @@ void wide_conv_kernel(const Tensor& a, const Tensor& weight, const Tensor& bias,
   at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
     std::vector<A> padded(pd.plane * Ci, A(0));  // the border and the slack (kR columns) stay zero
     for (int64_t n = n0; n < n1; ++n) {
-      for (int64_t h = 0; h < H; ++h) {
-        std::copy(ap + (n * H + h) * W * Ci, ap + (n * H + h + 1) * W * Ci,
-                  padded.data() + ((h + pd.pad) * pd.pw + pd.pad) * Ci);
-      }
+      pad_sample_nhwc(ap, layout, n, Ci, H, W, pd, tf, padded.data());
       for (int64_t h = 0; h < H; ++h) {
         for (int64_t w0 = 0; w0 < W; w0 += kR) {
           for (int64_t o0 = 0; o0 < Co; o0 += kBlock) {
@@ -553,6 +628,7 @@ void dilated_weight_grad_kernel(const Tensor& g, const Tensor& a, int64_t d, con
   constexpr int64_t L = V::size(), k = kWeightGradTaps;
   const int64_t N = a.size(0), Ci = a.size(1), H = a.size(2), W = a.size(3), Co = g.size(1), HW = H * W;
   const Padding pd = padding_for(H, W, k, d, L);
+  const LoadTransform<A> identity(InputTransform{}, Ci);
   const int64_t per_sample = Co * Ci * k * k;
   std::vector<A> partials(N * per_sample);
   const A* ap = a.const_data_ptr<A>();
@@ -561,7 +637,7 @@ void dilated_weight_grad_kernel(const Tensor& g, const Tensor& a, int64_t d, con
     std::vector<A> padded(pd.plane, A(0));
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n = t / Ci, i = t % Ci;
-      pad_plane(ap + t * HW, H, W, pd, padded.data());
+      pad_plane(ap + t * HW, H, W, pd, identity, i, padded.data());
       for (int64_t o0 = 0; o0 < Co; o0 += kOut) {
         const A* grow[kOut];  // outputs past Co repeat the last one; their sums are dropped
         for (int64_t r = 0; r < kOut; ++r) grow[r] = gp + (n * Co + std::min(o0 + r, Co - 1)) * HW;
@@ -595,6 +671,41 @@ void dilated_weight_grad_kernel(const Tensor& g, const Tensor& a, int64_t d, con
   add_partials(partials.data(), N, per_sample, gw.data_ptr<A>());
 }
 
+// out[n, p] = bias + sum over c of w[c] * transformed a[n, c, p], pixels split over the threads.
+// NCHW: vectors of pixels, a channel's plane at a time; NHWC: a pixel's channels in vectors, then
+// summed (the sums of L pixels at once in lane_sums took twice as long: its L accumulators left the
+// registers).
+template <typename A>
+void logits_conv_kernel(const Tensor& a, Layout layout, const A* w, A bias, const LoadTransform<A>& tf,
+                        const Tensor& out) {
+  using V = Vectorized<A>;
+  constexpr int64_t L = V::size();
+  const int64_t Ci = a.size(1), HW = a.size(2) * a.size(3);
+  const A* ap = a.const_data_ptr<A>();
+  A* op = out.data_ptr<A>();
+  parallel_rows(a.size(0), HW, [&](int64_t n, int64_t p0, int64_t p1) {
+    if (layout == Layout::NCHW) {
+      map_range(op + n * HW, p0, p1, [&](int64_t p, int64_t cnt) {
+        V acc(bias);
+        for (int64_t c = 0; c < Ci; ++c) {
+          acc = at::vec::fmadd(V(w[c]), tf.channel(load_acc_n(ap + (n * Ci + c) * HW + p, cnt), c), acc);
+        }
+        return acc;
+      });
+      return;
+    }
+    for (int64_t p = p0; p < p1; ++p) {
+      const A* pixel = ap + (n * HW + p) * Ci;
+      V part(A(0));
+      for (int64_t j = 0; j < Ci; j += L) {
+        const int64_t cnt = std::min(L, Ci - j);
+        part = at::vec::fmadd(load_acc_n(w + j, cnt), tf.channels(load_acc_n(pixel + j, cnt), j, cnt), part);
+      }
+      op[n * HW + p] = bias + hsum(part);
+    }
+  });
+}
+
 }  // namespace
 
 Tensor bam_conv_weight_grad_cpu(const Tensor& grad, const Tensor& a_in, int64_t dilation) {
@@ -609,26 +720,47 @@ Tensor bam_conv_weight_grad_cpu(const Tensor& grad, const Tensor& a_in, int64_t 
   return gw;
 }
 
-Tensor bam_narrow_conv_cpu(const Tensor& a_in, const Tensor& weight, const Tensor& bias, int64_t dilation) {
+Tensor bam_narrow_conv_cpu(const Tensor& a_in, const Tensor& weight, const Tensor& bias, int64_t dilation,
+                           const InputTransform& transform) {
   const Layout layout = layout_of(a_in);
   const Tensor a = in_layout(a_in, Layout::NCHW);
   Tensor out = at::empty({a.size(0), weight.size(0), a.size(2), a.size(3)}, a.options());
   if (out.numel() > 0) {
     AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "attnkern_bam_narrow_conv_cpu", [&] {
       dilated_conv_kernel<scalar_t>(a, weight.to(a.scalar_type()).contiguous(), bias.to(a.scalar_type()), dilation,
-                                    out);
+                                    LoadTransform<scalar_t>(transform, a.size(1)), out);
     });
   }
   return in_layout(out, layout);
 }
 
-Tensor bam_wide_conv_cpu(const Tensor& a_in, const Tensor& weight, const Tensor& bias, int64_t dilation) {
-  const Tensor a = in_layout(a_in, Layout::NHWC);
+Tensor bam_wide_conv_cpu(const Tensor& a_in, const Tensor& weight, const Tensor& bias, int64_t dilation,
+                         const InputTransform& transform) {
+  const Layout layout = layout_of(a_in);
+  const Tensor a = in_layout(a_in, layout);
   Tensor out = at::empty({a.size(0), weight.size(0), a.size(2), a.size(3)},
-                         a.options().memory_format(memory_format_of(layout_of(a_in))));
+                         a.options().memory_format(memory_format_of(layout)));
   if (out.numel() > 0) {
     AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "attnkern_bam_wide_conv_cpu", [&] {
-      wide_conv_kernel<scalar_t>(a, weight.to(a.scalar_type()), bias.to(a.scalar_type()), dilation, out);
+      wide_conv_kernel<scalar_t>(a, layout, weight.to(a.scalar_type()), bias.to(a.scalar_type()), dilation,
+                                 LoadTransform<scalar_t>(transform, a.size(1)), out);
+    });
+  }
+  return out;
+}
+
+Tensor bam_logits_conv_cpu(const Tensor& a_in, const Tensor& weight, const Tensor& bias,
+                           const InputTransform& transform) {
+  TORCH_INTERNAL_ASSERT(use_vec_kernels() && a_in.dim() == 4 && weight.numel() == a_in.size(1) &&
+                        bias.numel() == 1 && (a_in.scalar_type() == at::kFloat || a_in.scalar_type() == at::kDouble));
+  const Layout layout = layout_of(a_in);
+  const Tensor a = in_layout(a_in, layout);
+  Tensor out = at::empty({a.size(0), 1, a.size(2), a.size(3)}, a.options());
+  if (out.numel() > 0) {
+    AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "attnkern_bam_logits_conv_cpu", [&] {
+      const Tensor w = weight.to(a.scalar_type()).contiguous();
+      logits_conv_kernel<scalar_t>(a, layout, w.const_data_ptr<scalar_t>(), bias.to(a.scalar_type()).item<scalar_t>(),
+                                   LoadTransform<scalar_t>(transform, a.size(1)), out);
     });
   }
   return out;

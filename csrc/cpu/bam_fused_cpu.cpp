@@ -5,8 +5,9 @@
 // forward, which cost ~0.3 ms a call. Where bam_convs_cpu.cpp's kernels take a conv instead (the
 // reduce conv both ways, the convs of narrow maps) they accumulate in acc; the reduce conv's
 // grads stay in acc where the Python path rounds them to x's dtype (bf16 / fp16 results differ
-// from it within the tests' tolerances). Names follow the Python functions; the tests hold both
-// against the reference module.
+// from it within the tests' tolerances). Those kernels also apply each hidden layer's BN and ReLU
+// as they load its map (Activation), where the Python path writes the activation first. Names
+// follow the Python functions; the tests hold both against the reference module.
 
 #include <ATen/ATen.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
@@ -105,18 +106,58 @@ Layout map_layout(int64_t channels, Layout x_layout) {
   return channels <= kNarrowConvChannels ? Layout::NCHW : x_layout;
 }
 
+// Whether a hidden map goes through the kernels of batch_norm_cpu.cpp: float / double, dense in
+// its layout.
+bool own_bn_kernels(const Tensor& z) {
+  return use_vec_kernels() && z.is_contiguous(memory_format_of(layout_of(z))) &&
+         (z.scalar_type() == at::kFloat || z.scalar_type() == at::kDouble);
+}
+
+// A conv's input: a stack's input, or a hidden layer's output relu(z * scale + shift) per channel
+// (InputTransform), which our conv kernels apply as they load z and ATen's take materialised.
+struct Activation {
+  Tensor z;
+  InputTransform transform;
+};
+
+Tensor materialized(const Activation& in) {
+  const InputTransform& t = in.transform;
+  if (!t.relu) {
+    return in.z;
+  }
+  if (!t.scale.defined()) {
+    return at::relu(in.z);
+  }
+  if (own_bn_kernels(in.z)) {
+    return scale_shift_relu_cpu(in.z, t.scale, t.shift);
+  }
+  return at::relu(at::addcmul(channel_view(t.shift), in.z, channel_view(t.scale)));
+}
+
+// Whether bam_logits_conv_cpu can run conv(a, weight): a 1x1 conv to one channel (the spatial
+// stack's last), a in float / double.
+bool logits_conv(const Tensor& a, const Tensor& weight) {
+  return use_vec_kernels() && is_pointwise(weight) && weight.size(0) == 1 &&
+         (a.scalar_type() == at::kFloat || a.scalar_type() == at::kDouble);
+}
+
 // conv(a) in a's dtype, the output and the bias in acc (as ops/bam.py _conv).
-Tensor conv(const Tensor& a, const Tensor& weight, const Tensor& bias, int64_t dilation, at::ScalarType acc) {
+Tensor conv(const Activation& in, const Tensor& weight, const Tensor& bias, int64_t dilation, at::ScalarType acc) {
+  const Tensor& a = in.z;
   if (a.scalar_type() == acc && !is_pointwise(weight)) {
     if (narrow_conv(a, weight)) {
-      return bam_narrow_conv_cpu(a, weight.to(acc), bias.to(acc), dilation);
+      return bam_narrow_conv_cpu(a, weight.to(acc), bias.to(acc), dilation, in.transform);
     }
     if (own_conv(a, weight, kWideConvChannels)) {
-      return bam_wide_conv_cpu(a, weight.to(acc), bias.to(acc), dilation);
+      return bam_wide_conv_cpu(a, weight.to(acc), bias.to(acc), dilation, in.transform);
     }
-    return at::conv2d(a, weight.to(acc), bias.to(acc), 1, padding(weight, dilation), dilation);  // bias in oneDNN
+    return at::conv2d(materialized(in), weight.to(acc), bias.to(acc), 1, padding(weight, dilation),
+                      dilation);  // bias in oneDNN
   }
-  return conv_nobias(a, weight.to(a.scalar_type()), dilation).to(acc) + channel_view(bias.to(acc));
+  if (a.scalar_type() == acc && logits_conv(a, weight)) {
+    return bam_logits_conv_cpu(a, weight.to(acc), bias.to(acc), in.transform);
+  }
+  return conv_nobias(materialized(in), weight.to(a.scalar_type()), dilation).to(acc) + channel_view(bias.to(acc));
 }
 
 // Computes a stack's first conv in place of conv(): (a, weight, bias) -> the output in acc.
@@ -205,24 +246,6 @@ Affine bn_affine(const Bn& bn, const Tensor& mean_in, const Tensor& var_in, at::
   return out;
 }
 
-// Whether a hidden map goes through the kernels of batch_norm_cpu.cpp: float / double, dense in
-// its layout.
-bool own_bn_kernels(const Tensor& z) {
-  return use_vec_kernels() && z.is_contiguous(memory_format_of(layout_of(z))) &&
-         (z.scalar_type() == at::kFloat || z.scalar_type() == at::kDouble);
-}
-
-// relu(BN(z)) with the batch's statistics: (activation, mean, invstd). batch_norm_relu_train_cpu
-// where it runs (ATen's BN took ~100 us on an 8x16x28x28 NCHW map, 47-61 us in channels_last),
-// else ATen's (3-8x faster than var_mean on these maps).
-std::tuple<Tensor, Tensor, Tensor> batch_norm_relu_train(const Tensor& z, const Tensor& weight, const Tensor& bias,
-                                                         double eps) {
-  if (own_bn_kernels(z)) {
-    return batch_norm_relu_train_cpu(z, weight, bias, eps);
-  }
-  auto [normalized, mean, invstd] = at::native_batch_norm(z, weight, bias, {}, {}, true, 0.0, eps);
-  return {at::relu(normalized), mean, invstd};
-}
 
 struct Folded {
   Tensor weight, bias;
@@ -241,29 +264,39 @@ struct StackForward {
 };
 
 // [conv, BN, ReLU] per BN, then the final conv (ops/bam.py _stack_forward); `first`, when given,
-// computes the first conv.
+// computes the first conv. Each BN and ReLU is left to the next conv (Activation).
 StackForward stack_forward(const Tensor& inp, const vector<Tensor>& weights, TensorList biases,
                            const vector<Bn>& bns, int64_t dilation, at::ScalarType acc,
                            const FirstConv& first = nullptr) {
   StackForward out;
-  Tensor a = inp;
+  Activation a{inp};
   for (size_t k = 0; k < bns.size(); ++k) {
     const Bn& bn = bns[k];
     const auto layer_conv = [&](const Tensor& weight, const Tensor& bias) {
-      return k == 0 && first ? first(a, weight, bias) : conv(a, weight, bias, dilation, acc);
+      return k == 0 && first ? first(a.z, weight, bias) : conv(a, weight, bias, dilation, acc);
     };
     if (bn.training) {
       const Tensor z = layer_conv(weights[k], biases[k]);
-      // var + eps is what invstd inverts; a is in z's layout, as both BN paths return it.
-      auto [activation, mean, invstd] = batch_norm_relu_train(z, bn.weight.to(acc), bn.bias.to(acc), bn.eps);
-      a = activation;
+      Tensor mean, var;
+      if (own_bn_kernels(z)) {
+        std::tie(mean, var) = batch_norm_stats_cpu(z);
+        const Affine af = bn_affine(bn, mean, var, acc);
+        a = {z, {true, af.scale, af.shift}};
+      } else {
+        // ATen's BN: 3-8x faster than var_mean on these maps; var + eps is what its invstd inverts.
+        auto [normalized, batch_mean, invstd] =
+            at::native_batch_norm(z, bn.weight.to(acc), bn.bias.to(acc), {}, {}, true, 0.0, bn.eps);
+        a = {at::relu(normalized)};
+        mean = batch_mean;
+        var = invstd.pow(-2) - bn.eps;
+      }
       out.hidden.push_back(z);
       out.means.push_back(mean);
-      out.vars.push_back(invstd.pow(-2) - bn.eps);
+      out.vars.push_back(var);
     } else {
       const Folded folded = fold_bn(weights[k], biases[k], bn, acc);
       const Tensor pre = layer_conv(folded.weight, folded.bias);
-      a = at::relu(pre);
+      a = {pre, {true}};
       out.hidden.push_back(pre);
       out.means.push_back(inp.new_empty({0}, inp.options().dtype(acc)));  // distinct: outputs may not alias
       out.vars.push_back(inp.new_empty({0}, inp.options().dtype(acc)));
@@ -295,14 +328,10 @@ StackGrads stack_backward(const Tensor& grad_logits, const Tensor& inp, const ve
   vector<Tensor> acts{inp};
   for (size_t k = 0; k < num_hidden; ++k) {
     affine.push_back(bn_affine(bns[k], bns[k].mean, bns[k].var, acc));
-    if (!bns[k].training) {  // hidden is the BN's output
-      acts.push_back(at::relu(hidden[k]));
-    } else if (own_bn_kernels(hidden[k])) {
-      const auto type = hidden[k].scalar_type();
-      acts.push_back(scale_shift_relu_cpu(hidden[k], affine[k].scale.to(type), affine[k].shift.to(type)));
-    } else {
-      acts.push_back(at::relu(at::addcmul(channel_view(affine[k].shift), hidden[k], channel_view(affine[k].scale))));
-    }
+    // In eval hidden is the BN's output.
+    const InputTransform bn_relu = bns[k].training ? InputTransform{true, affine[k].scale, affine[k].shift}
+                                                   : InputTransform{true};
+    acts.push_back(materialized({hidden[k], bn_relu}));
   }
   StackGrads out;
   out.weights.resize(num_hidden + 1);
@@ -396,7 +425,7 @@ ForwardOutputs bam_fused_forward_cpu(const Tensor& x_in, TensorList weights, Ten
     const Layout z_layout = map_layout(weight.size(0), layout_of(a));
     if (!reduce_in_kernels(weight, acc)) {
       avg = std::get<0>(channel_pool_cpu(a, false));
-      return in_layout(conv(a, weight, bias, dilation, acc), z_layout);
+      return in_layout(conv({a}, weight, bias, dilation, acc), z_layout);
     }
     auto [mean, z] = bam_pool_reduce_cpu(a, weight, bias, memory_format_of(z_layout));
     avg = mean;

@@ -1,9 +1,10 @@
 // BatchNorm with the batch's statistics on BAM's hidden maps (declared in cpu_ops.h): (N, Ch, H,
 // W) maps of a few channels in float / double. ATen's kernel for it took ~100 us on an 8x16x28x28
-// or 8x4x56x56 map here (16x a clone of it); three passes over each channel's planes take a fraction
-// of that (benchmarks/NOTES.md), with the ReLU after it in the last one. batch_norm_relu_backward_cpu:
-// the backward of relu(BN(z)) in two passes, where ATen's threshold_backward and BN backward took
-// three and their dispatch.
+// or 8x4x56x56 map here (16x a clone of it); the statistics' two passes over each channel's planes
+// take a fraction of that (benchmarks/NOTES.md), and the next conv applies the BN and its ReLU as
+// it loads the map. scale_shift_relu_cpu applies them where the backward needs the activation;
+// batch_norm_relu_backward_cpu: the backward of relu(BN(z)) in two passes, where ATen's
+// threshold_backward and BN backward took three and their dispatch.
 #include "cpu/cpu_ops.h"
 #include "cpu/cpu_utils.h"
 
@@ -85,11 +86,10 @@ void scale_shift_relu_kernel(const at::Tensor& z, Layout layout, const A* scale,
   });
 }
 
-// Mean and biased variance of each channel (two passes, sums in double per block: NCHW a channel's
-// N planes at a time, NHWC vectors of channels along the rows), then out = relu(BN(z)).
+// Mean and biased variance of each channel: two passes, sums in double per block (NCHW a channel's
+// N planes at a time, NHWC vectors of channels along the rows).
 template <typename A>
-void batch_norm_relu_kernel(const at::Tensor& z, Layout layout, const at::Tensor& weight, const at::Tensor& bias,
-                            double eps, const at::Tensor& out, const at::Tensor& mean, const at::Tensor& invstd) {
+void batch_norm_stats_kernel(const at::Tensor& z, Layout layout, const at::Tensor& mean, const at::Tensor& var) {
   using V = Vectorized<A>;
   const int64_t N = z.size(0), Ch = z.size(1), HW = z.size(2) * z.size(3);
   const A* zp = z.const_data_ptr<A>();
@@ -122,16 +122,10 @@ void batch_norm_relu_kernel(const at::Tensor& z, Layout layout, const at::Tensor
       }
     });
   }
-  std::vector<A> scale(Ch), shift(Ch);
   for (int64_t c = 0; c < Ch; ++c) {
-    const double mu = sums[c] / count, is = 1.0 / std::sqrt(squares[c] / count + eps);
-    const double w = weight.const_data_ptr<A>()[c];
-    mean.data_ptr<A>()[c] = static_cast<A>(mu);
-    invstd.data_ptr<A>()[c] = static_cast<A>(is);
-    scale[c] = static_cast<A>(w * is);
-    shift[c] = static_cast<A>(bias.const_data_ptr<A>()[c] - mu * w * is);
+    mean.data_ptr<A>()[c] = static_cast<A>(sums[c] / count);
+    var.data_ptr<A>()[c] = static_cast<A>(squares[c] / count);
   }
-  scale_shift_relu_kernel<A>(z, layout, scale.data(), shift.data(), out);
 }
 
 // The ReLU's mask applied to its output's grad: g where the ReLU's output is positive.
@@ -248,21 +242,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backward_cpu(cons
   return {gz, gw, gb};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_train_cpu(const at::Tensor& z,
-                                                                         const at::Tensor& weight,
-                                                                         const at::Tensor& bias, double eps) {
+std::pair<at::Tensor, at::Tensor> batch_norm_stats_cpu(const at::Tensor& z) {
   const Layout layout = layout_of(z);
   TORCH_INTERNAL_ASSERT(use_vec_kernels() && z.dim() == 4 && z.is_contiguous(memory_format_of(layout)) &&
-                        (z.scalar_type() == at::kFloat || z.scalar_type() == at::kDouble) &&
-                        weight.scalar_type() == z.scalar_type() && bias.scalar_type() == z.scalar_type());
-  const int64_t Ch = z.size(1);
-  at::Tensor out = at::empty_like(z);
-  at::Tensor mean = at::empty({Ch}, z.options());
-  at::Tensor invstd = at::empty({Ch}, z.options());
-  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "attnkern_batch_norm_relu_train_cpu", [&] {
-    batch_norm_relu_kernel<scalar_t>(z, layout, weight.contiguous(), bias.contiguous(), eps, out, mean, invstd);
-  });
-  return {out, mean, invstd};
+                        (z.scalar_type() == at::kFloat || z.scalar_type() == at::kDouble));
+  at::Tensor mean = at::empty({z.size(1)}, z.options());
+  at::Tensor var = at::empty({z.size(1)}, z.options());
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "attnkern_batch_norm_stats_cpu",
+                             [&] { batch_norm_stats_kernel<scalar_t>(z, layout, mean, var); });
+  return {mean, var};
 }
 
 at::Tensor scale_shift_relu_cpu(const at::Tensor& z, const at::Tensor& scale, const at::Tensor& shift) {

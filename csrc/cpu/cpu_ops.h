@@ -100,33 +100,45 @@ std::pair<at::Tensor, at::Tensor> bam_pool_reduce_cpu(const at::Tensor& x, const
 // hw], grad_output (N, Cr, H, W) in acc. ATen's GEMM for it (Cr = 4-16 rows) reached a third of
 // this CPU's FMA rate. Needs the vector kernels.
 at::Tensor bam_reduce_weight_grad_cpu(const at::Tensor& x, const at::Tensor& grad_output);
+// What BAM's conv kernels below read from their input map a: a itself, or with `relu`, relu(a *
+// scale[c] + shift[c]) for each channel c (scale and shift (Ci,) in a's dtype; undefined: relu(a)).
+// A hidden layer's BN and ReLU are so applied as the next conv loads its input: the activation map
+// is never written (in eval its BN is folded into the conv before it, leaving the ReLU).
+struct InputTransform {
+  bool relu = false;
+  at::Tensor scale, shift;
+};
 // BAM's dilated k x k convs ('same' padding, stride 1) on narrow maps (a: float / double, any
-// layout; the output in a's layout): conv(a, weight (Co, Ci, k, k)) + bias. oneDNN runs 4-channel
-// maps at ~14 % of this CPU's FMA rate; register tiles (4 outputs x 24 pixels) do better up to
-// kNarrowConvChannels channels (benchmarks/NOTES.md). Needs the vector kernels (use_vec_kernels()).
+// layout; the output in a's layout): conv(transformed a, weight (Co, Ci, k, k)) + bias. oneDNN runs
+// 4-channel maps at ~14 % of this CPU's FMA rate; register tiles (4 outputs x 24 pixels) do better
+// up to kNarrowConvChannels channels (benchmarks/NOTES.md). Needs the vector kernels
+// (use_vec_kernels()).
 constexpr int64_t kNarrowConvChannels = 8;
 at::Tensor bam_narrow_conv_cpu(const at::Tensor& a, const at::Tensor& weight, const at::Tensor& bias,
-                               int64_t dilation);
+                               int64_t dilation, const InputTransform& transform = {});
 // bam_narrow_conv_cpu for maps of more channels, up to kWideConvChannels. oneDNN's conv is as fast
 // on large 16-channel maps, but costs ~40-100 us a call on small ones (8x16x2x2: 43 us, these tiles
 // 14); from 32 channels on it is faster (a BAM forward on 8x512x28x28: 3.8 ms against 4.4 with
 // these tiles; benchmarks/NOTES.md).
 constexpr int64_t kWideConvChannels = 16;
 at::Tensor bam_wide_conv_cpu(const at::Tensor& a, const at::Tensor& weight, const at::Tensor& bias,
-                             int64_t dilation);
+                             int64_t dilation, const InputTransform& transform = {});
+// A 1x1 conv to one channel (BAM's final spatial conv), conv(transformed a, weight (1, Ci, 1, 1)) +
+// bias (1,): (N, 1, H, W), a float / double in either layout. ATen took a GEMM call and a bias add
+// (~15 us on 8x16x28x28), after a ReLU pass over a. Needs the vector kernels.
+at::Tensor bam_logits_conv_cpu(const at::Tensor& a, const at::Tensor& weight, const at::Tensor& bias,
+                               const InputTransform& transform);
 // The weight grad of BAM's dilated 3 x 3 convs on the same narrow maps ('same', stride 1; grad and
 // a float / double, the same dtype, any layout): (Co, Ci, 3, 3) in a's dtype. oneDNN's (im2col and
 // a GEMM) took 0.38 ms on NCHW 8x4x56x56, these tiles 0.08 (benchmarks/NOTES.md). Needs the vector
 // kernels.
 constexpr int64_t kWeightGradTaps = 3;
 at::Tensor bam_conv_weight_grad_cpu(const at::Tensor& grad, const at::Tensor& a, int64_t dilation);
-// relu(BatchNorm(z)) with the map's batch statistics, as at::native_batch_norm in training without
-// running statistics and a ReLU: (relu(normalized), mean, invstd), for float / double maps in
-// either layout, weight and bias in their dtype. ATen's BN took ~100 us for 100 k values here
-// (benchmarks/NOTES.md). Needs the vector kernels.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_train_cpu(const at::Tensor& z,
-                                                                         const at::Tensor& weight,
-                                                                         const at::Tensor& bias, double eps);
+// The batch statistics of a map for BatchNorm in training, as at::native_batch_norm computes them:
+// (mean, biased variance) per channel, for float / double maps in either layout, in z's dtype.
+// ATen's BN took ~100 us for 100 k values here (benchmarks/NOTES.md); the BN itself and its ReLU
+// are applied by the next conv as it loads z (InputTransform). Needs the vector kernels.
+std::pair<at::Tensor, at::Tensor> batch_norm_stats_cpu(const at::Tensor& z);
 // relu(z * scale[c] + shift[c]) for each channel c of a float / double map in either layout, scale
 // and shift (Ch,) in its dtype. Needs the vector kernels.
 at::Tensor scale_shift_relu_cpu(const at::Tensor& z, const at::Tensor& scale, const at::Tensor& shift);
