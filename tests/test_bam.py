@@ -41,6 +41,7 @@ LARGE_CONFIGS = [
     ((130, 16), {}, (2, 130, 9, 11)),
     ((42, 2), {}, (2, 42, 9, 11)),  # hidden width 21: past one vector, and not a multiple of one
     ((48, 3), {"dilation": 3}, (2, 48, 5, 13)),  # hidden width 16, the widest the CPU's own convs take
+    ((40, 4), {}, (2, 40, 6, 9)),  # hidden width 10: channels and pixels past whole vectors in those convs
     # The CPU's channels_last reduce weight grad walks a sample in blocks of 128 KiB of x (64 pixels
     # here): two whole blocks and a partial one.
     ((256, 16), {}, (2, 256, 12, 12)),
@@ -52,6 +53,9 @@ LOW_PRECISION_CONFIGS = [
     ((16, 4), {}, (8, 16, 7, 7)),
     ((12, 4), {}, (6, 12, 13, 17)),
     ((64, 16), {}, (8, 64, 14, 14)),
+    # hidden width 12 (the CPU's wide convs) on 13x11 maps: its NCHW input goes through 8 x 8 blocks
+    # and the channels and pixels past them
+    ((48, 4), {}, (8, 48, 13, 11)),
 ]
 
 

@@ -571,20 +571,36 @@ inline void wide_tile(const A* padded, int64_t Ci, int64_t pw, int64_t k, int64_
 }
 
 // Sample n of a (NCHW or NHWC) into the NHWC padded copy, transformed: NCHW a is transposed here,
-// which saves a full copy of the map in the other layout.
+// in L x L blocks of (channels, pixels), which saves a full copy of the map in the other layout
+// (element by element it took a fifth of the conv's time on 8x16x28x28).
 template <typename A>
 void pad_sample_nhwc(const A* ap, Layout layout, int64_t n, int64_t Ci, int64_t H, int64_t W, const Padding& pd,
                      const LoadTransform<A>& tf, A* padded) {
+  using V = Vectorized<A>;
+  constexpr int64_t L = V::size();
   for (int64_t h = 0; h < H; ++h) {
     A* dst = padded + ((h + pd.pad) * pd.pw + pd.pad) * Ci;
     if (layout == Layout::NHWC) {
       tf.copy_pixels(ap + (n * H + h) * W * Ci, W, Ci, dst);
       continue;
     }
-    for (int64_t c = 0; c < Ci; ++c) {
-      const A* src = ap + ((n * Ci + c) * H + h) * W;
-      for (int64_t w = 0; w < W; ++w) dst[w * Ci + c] = tf.scalar(src[w], c);
+    const auto row = [&](int64_t c) { return ap + ((n * Ci + c) * H + h) * W; };
+    const auto copy_elements = [&](int64_t c0, int64_t c1, int64_t w0) {
+      for (int64_t c = c0; c < c1; ++c) {
+        for (int64_t w = w0; w < W; ++w) dst[w * Ci + c] = tf.scalar(row(c)[w], c);
+      }
+    };
+    int64_t c0 = 0;
+    for (; c0 + L <= Ci; c0 += L) {
+      int64_t w = 0;
+      for (; w + L <= W; w += L) {
+        V block[L];
+        for (int64_t i = 0; i < L; ++i) block[i] = tf.channel(V::loadu(row(c0 + i) + w), c0 + i);
+        store_transposed(block, dst + w * Ci + c0, Ci);
+      }
+      copy_elements(c0, c0 + L, w);
     }
+    copy_elements(c0, Ci, 0);
   }
 }
 

@@ -362,6 +362,37 @@ inline Vectorized<double> lane_sums<double>(const Vectorized<double> (&v)[4]) {
 }
 #endif
 
+// d[j * ds + i] = lane j of rows[i]: an L x L block stored transposed (L rows of d, ds apart).
+template <typename A>
+inline void store_transposed(const Vectorized<A> (&rows)[Vectorized<A>::size()], A* d, int64_t ds) {
+  constexpr int64_t L = Vectorized<A>::size();
+  alignas(64) A block[L][L];
+  for (int64_t i = 0; i < L; ++i) rows[i].store(block[i]);
+  for (int64_t j = 0; j < L; ++j) {
+    for (int64_t i = 0; i < L; ++i) d[j * ds + i] = block[i][j];
+  }
+}
+#if ATTNKERN_X86_DISPATCH
+template <>
+inline void store_transposed<float>(const Vectorized<float> (&rows)[8], float* d, int64_t ds) {
+  __m256 pairs[8], quads[8];  // 2 x 2, then 4 x 4 blocks transposed within each 128-bit half
+  for (int k = 0; k < 4; ++k) {
+    pairs[2 * k] = _mm256_unpacklo_ps(rows[2 * k], rows[2 * k + 1]);
+    pairs[2 * k + 1] = _mm256_unpackhi_ps(rows[2 * k], rows[2 * k + 1]);
+  }
+  for (int k = 0; k < 2; ++k) {
+    for (int h = 0; h < 2; ++h) {
+      quads[4 * k + 2 * h] = _mm256_shuffle_ps(pairs[4 * k + h], pairs[4 * k + 2 + h], 0x44);
+      quads[4 * k + 2 * h + 1] = _mm256_shuffle_ps(pairs[4 * k + h], pairs[4 * k + 2 + h], 0xEE);
+    }
+  }
+  for (int j = 0; j < 4; ++j) {
+    _mm256_storeu_ps(d + j * ds, _mm256_permute2f128_ps(quads[j], quads[4 + j], 0x20));
+    _mm256_storeu_ps(d + (j + 4) * ds, _mm256_permute2f128_ps(quads[j], quads[4 + j], 0x31));
+  }
+}
+#endif
+
 // Runs f(row, j0, j1) over the [j0, j1) pieces of `rows` rows of length `len`, the rows * len
 // elements split evenly over the threads (elementwise kernels).
 template <typename F>
