@@ -56,7 +56,8 @@ class LoadTransform {
  public:
   using V = Vectorized<A>;
 
-  LoadTransform(const InputTransform& t, int64_t channels) : relu_(t.relu), scale_(channels, A(1)), shift_(channels, A(0)) {
+  LoadTransform(const InputTransform& t, int64_t channels)
+      : relu_(t.relu), scale_(channels, A(1)), shift_(channels, A(0)) {
     if (t.scale.defined()) {
       const Tensor sc = t.scale.to(c10::CppTypeToScalarType<A>::value).contiguous();
       const Tensor sh = t.shift.to(c10::CppTypeToScalarType<A>::value).contiguous();
@@ -74,8 +75,11 @@ class LoadTransform {
   }
   // v of channels [j, j + cnt) in its lanes.
   V channels(const V& v, int64_t j, int64_t cnt) const {
-    return relu_ ? at::vec::maximum(at::vec::fmadd(v, load_acc_n(scale_.data() + j, cnt), load_acc_n(shift_.data() + j, cnt)), V(A(0)))
-                 : v;
+    if (!relu_) {
+      return v;
+    }
+    return at::vec::maximum(at::vec::fmadd(v, load_acc_n(scale_.data() + j, cnt), load_acc_n(shift_.data() + j, cnt)),
+                            V(A(0)));
   }
   // count elements of channel c into dst.
   void copy_row(const A* src, int64_t count, int64_t c, A* dst) const {

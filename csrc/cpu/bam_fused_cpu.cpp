@@ -246,7 +246,6 @@ Affine bn_affine(const Bn& bn, const Tensor& mean_in, const Tensor& var_in, at::
   return out;
 }
 
-
 struct Folded {
   Tensor weight, bias;
 };
