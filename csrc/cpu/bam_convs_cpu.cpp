@@ -49,64 +49,6 @@ inline Tensor zero_padded(const Tensor& v, int64_t len) {
   return out;
 }
 
-// InputTransform as the conv kernels apply it while they copy their input: per channel c, v ->
-// relu(v * scale[c] + shift[c]) (scale 1 and shift 0 where only the ReLU is asked for), or v itself.
-template <typename A>
-class LoadTransform {
- public:
-  using V = Vectorized<A>;
-
-  LoadTransform(const InputTransform& t, int64_t channels)
-      : relu_(t.relu), scale_(channels, A(1)), shift_(channels, A(0)) {
-    if (t.scale.defined()) {
-      const Tensor sc = t.scale.to(c10::CppTypeToScalarType<A>::value).contiguous();
-      const Tensor sh = t.shift.to(c10::CppTypeToScalarType<A>::value).contiguous();
-      std::copy_n(sc.const_data_ptr<A>(), channels, scale_.data());
-      std::copy_n(sh.const_data_ptr<A>(), channels, shift_.data());
-    }
-  }
-
-  A scalar(A v, int64_t c) const {
-    return relu_ ? std::max(v * scale_[c] + shift_[c], A(0)) : v;
-  }
-  // v of channel c in every lane.
-  V channel(const V& v, int64_t c) const {
-    return relu_ ? at::vec::maximum(at::vec::fmadd(v, V(scale_[c]), V(shift_[c])), V(A(0))) : v;
-  }
-  // v of channels [j, j + cnt) in its lanes.
-  V channels(const V& v, int64_t j, int64_t cnt) const {
-    if (!relu_) {
-      return v;
-    }
-    return at::vec::maximum(at::vec::fmadd(v, load_acc_n(scale_.data() + j, cnt), load_acc_n(shift_.data() + j, cnt)),
-                            V(A(0)));
-  }
-  // count elements of channel c into dst.
-  void copy_row(const A* src, int64_t count, int64_t c, A* dst) const {
-    if (!relu_) {
-      std::copy(src, src + count, dst);
-      return;
-    }
-    map_range(dst, 0, count, [&](int64_t j, int64_t cnt) { return channel(load_acc_n(src + j, cnt), c); });
-  }
-  // count pixels of `channels` values each into dst.
-  void copy_pixels(const A* src, int64_t count, int64_t channels, A* dst) const {
-    if (!relu_) {
-      std::copy(src, src + count * channels, dst);
-      return;
-    }
-    for (int64_t p = 0; p < count; ++p) {
-      map_range(dst + p * channels, 0, channels, [&](int64_t j, int64_t cnt) {
-        return this->channels(load_acc_n(src + p * channels + j, cnt), j, cnt);
-      });
-    }
-  }
-
- private:
-  bool relu_;
-  std::vector<A> scale_, shift_;
-};
-
 // v rounded to T (identity for float and double): the conv's output is in x's dtype, as in the
 // other backends (ops/bam.py _conv); only the bias is added in acc.
 template <typename T>

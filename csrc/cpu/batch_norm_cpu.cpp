@@ -55,35 +55,21 @@ std::array<std::vector<double>, K> nhwc_channel_sums(int64_t rows, int64_t Ch, c
   return sums;
 }
 
-// out = relu(z * scale[c] + shift[c]) for each channel c, in z's layout (NCHW: planes; NHWC: rows
-// of channel vectors).
+// out = relu(z * scale[c] + shift[c]) for each channel c (tf), in z's layout (NCHW: planes; NHWC:
+// rows of channel vectors).
 template <typename A>
-void scale_shift_relu_kernel(const at::Tensor& z, Layout layout, const A* scale, const A* shift, const at::Tensor& out) {
-  using V = Vectorized<A>;
+void scale_shift_relu_kernel(const at::Tensor& z, Layout layout, const LoadTransform<A>& tf, const at::Tensor& out) {
   const int64_t N = z.size(0), Ch = z.size(1), HW = z.size(2) * z.size(3);
   const A* zp = z.const_data_ptr<A>();
   A* op = out.data_ptr<A>();
-  const V zero(A(0));
   if (layout == Layout::NCHW) {
     at::parallel_for(0, N * Ch, task_grain(HW), [&](int64_t q0, int64_t q1) {
-      for (int64_t q = q0; q < q1; ++q) {
-        const V sc(scale[q % Ch]), sh(shift[q % Ch]);
-        const A* zr = zp + q * HW;
-        map_range(op + q * HW, 0, HW, [&](int64_t j, int64_t cnt) {
-          return at::vec::maximum(at::vec::fmadd(load_acc_n(zr + j, cnt), sc, sh), zero);
-        });
-      }
+      for (int64_t q = q0; q < q1; ++q) tf.copy_row(zp + q * HW, HW, q % Ch, op + q * HW);
     });
     return;
   }
-  at::parallel_for(0, N * HW, task_grain(Ch), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      map_range(op + r * Ch, 0, Ch, [&](int64_t j, int64_t cnt) {
-        const V v = at::vec::fmadd(load_acc_n(zp + r * Ch + j, cnt), load_acc_n(scale + j, cnt), load_acc_n(shift + j, cnt));
-        return at::vec::maximum(v, zero);
-      });
-    }
-  });
+  at::parallel_for(0, N * HW, task_grain(Ch),
+                   [&](int64_t r0, int64_t r1) { tf.copy_pixels(zp + r0 * Ch, r1 - r0, Ch, op + r0 * Ch); });
 }
 
 // Mean and biased variance of each channel: two passes, sums in double per block (NCHW a channel's
@@ -260,8 +246,7 @@ at::Tensor scale_shift_relu_cpu(const at::Tensor& z, const at::Tensor& scale, co
                         scale.scalar_type() == z.scalar_type() && shift.scalar_type() == z.scalar_type());
   at::Tensor out = at::empty_like(z);
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "attnkern_scale_shift_relu_cpu", [&] {
-    const at::Tensor sc = scale.contiguous(), sh = shift.contiguous();
-    scale_shift_relu_kernel<scalar_t>(z, layout, sc.const_data_ptr<scalar_t>(), sh.const_data_ptr<scalar_t>(), out);
+    scale_shift_relu_kernel<scalar_t>(z, layout, LoadTransform<scalar_t>({true, scale, shift}, z.size(1)), out);
   });
   return out;
 }
