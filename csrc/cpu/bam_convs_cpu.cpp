@@ -21,14 +21,17 @@
 // bam_wide_conv_cpu: the same convs on maps of up to kWideConvChannels channels, as the NHWC reduce
 // conv's tiles (pixels x vectors of outputs, here 6 x 2) over a zero-padded NHWC copy: on par with
 // oneDNN on large 16-channel maps, without its ~40-100 us of setup a call.
-// bam_logits_conv_cpu: the final 1x1 conv to one channel. These three apply the previous layer's
-// BN and ReLU (InputTransform) in the copy they make of their input anyway (the padded sample; the
-// logits conv's loads): ATen's ReLU and BN passes, a write and a read of each hidden map, go.
+// bam_logits_conv_cpu: the final 1x1 conv to one channel. bam_linear_cpu: the channel gate's two
+// layers, 1x1 convs on its (N, C) pooled means. These four apply the previous layer's BN and ReLU
+// (InputTransform) in the copy they make of their input anyway (the padded sample; the logits
+// conv's loads; the linear layer's rows): ATen's ReLU and BN passes, a write and a read of each
+// hidden map, go.
 //
 // Backward: bam_reduce_weight_grad_cpu (the reduce conv's weight grad: dR . X^T, NCHW sums along
 // pixel rows, NHWC broadcasts of dR against vectors of x's channels; its input grad is added in
-// bam_cpu.cpp's dx pass) and bam_conv_weight_grad_cpu (the narrow dilated convs' weight grads,
-// kOut outputs x 3 taps of a tap row along the padded pixel rows).
+// bam_cpu.cpp's dx pass) and bam_conv_weight_grad_cpu (the narrow and wide dilated convs' weight
+// grads, kOut outputs x 3 taps of a tap row along the padded pixel rows). Their input grads are the
+// forward kernels run on the flipped taps.
 #include "cpu/cpu_ops.h"
 #include "cpu/cpu_utils.h"
 
@@ -584,7 +587,9 @@ void wide_conv_kernel(const Tensor& a, Layout layout, const Tensor& weight, cons
 // The weight grad of a dilated 3 x 3 conv ('same', stride 1): gw[o][i][ty][tx] = sum over n, h, w
 // of g[n, o, h, w] * padded a[n, i, h + ty d, w + tx d]. Tasks of (sample, input channel) write
 // their own slice of the sample's partial grad, the samples' partials added in order; per task,
-// for each block of kOut outputs and tap row, a kOut x 3 tile of sums along the pixel rows.
+// for each block of kOut outputs and tap row, a kOut x 3 tile of sums along the pixel rows. The
+// rows' whole vectors go first, their tails after with masked loads: a count test per load and
+// the sizes re-read through the lambda's captures kept the tile at a fifth of the FMA rate.
 template <typename A>
 void dilated_weight_grad_kernel(const Tensor& g, const Tensor& a, int64_t d, const Tensor& gw) {
   using V = Vectorized<A>;
@@ -592,11 +597,12 @@ void dilated_weight_grad_kernel(const Tensor& g, const Tensor& a, int64_t d, con
   const int64_t N = a.size(0), Ci = a.size(1), H = a.size(2), W = a.size(3), Co = g.size(1), HW = H * W;
   const Padding pd = padding_for(H, W, k, d, L);
   const LoadTransform<A> identity(InputTransform{}, Ci);
-  const int64_t per_sample = Co * Ci * k * k;
+  const int64_t per_sample = Co * Ci * k * k, whole = W - W % L, tail = W % L, pw = pd.pw;
   std::vector<A> partials(N * per_sample);
   const A* ap = a.const_data_ptr<A>();
   const A* gp = g.const_data_ptr<A>();
-  at::parallel_for(0, N * Ci, 1, [&](int64_t t0, int64_t t1) {
+  A* pp = partials.data();
+  at::parallel_for(0, N * Ci, 1, [=, &pd, &identity](int64_t t0, int64_t t1) {
     std::vector<A> padded(pd.plane, A(0));
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n = t / Ci, i = t % Ci;
@@ -607,25 +613,26 @@ void dilated_weight_grad_kernel(const Tensor& g, const Tensor& a, int64_t d, con
         for (int64_t ty = 0; ty < k; ++ty) {
           V acc[kOut][k];
           zero_tile(acc);
-          for (int64_t h = 0; h < H; ++h) {
-            const A* arow = padded.data() + (h + ty * d) * pd.pw;
-            for (int64_t w0 = 0; w0 < W; w0 += L) {
-              // Lanes past W load as zero on both sides (a non-finite a there must not count).
-              const int64_t m = std::min(L, W - w0);
-              V in[k];
-              for (int64_t tx = 0; tx < k; ++tx) in[tx] = load_acc_n(arow + w0 + tx * d, m);
-              for (int64_t r = 0; r < kOut; ++r) {
-                const V gv = load_acc_n(grow[r] + h * W + w0, m);
-                for (int64_t tx = 0; tx < k; ++tx) acc[r][tx] = at::vec::fmadd(gv, in[tx], acc[r][tx]);
-              }
+          const auto accumulate = [&](const A* arow, int64_t offset, int64_t m) {
+            V in[k];
+            for (int64_t tx = 0; tx < k; ++tx) in[tx] = m == L ? vload(arow + tx * d) : vload(arow + tx * d, m);
+            for (int64_t r = 0; r < kOut; ++r) {
+              const V gv = m == L ? vload(grow[r] + offset) : vload(grow[r] + offset, m);
+              for (int64_t tx = 0; tx < k; ++tx) acc[r][tx] = at::vec::fmadd(gv, in[tx], acc[r][tx]);
             }
+          };
+          for (int64_t h = 0; h < H; ++h) {
+            const A* arow = padded.data() + (h + ty * d) * pw;
+            for (int64_t w0 = 0; w0 < whole; w0 += L) accumulate(arow + w0, h * W + w0, L);
+            // Lanes past W load as zero on both sides (a non-finite a there must not count).
+            if (tail > 0) accumulate(arow + whole, h * W + whole, tail);
           }
           A sums[kOut][k];  // constant indices (see nchw_reduce_weight_grad)
           for (int64_t r = 0; r < kOut; ++r) {
             for (int64_t tx = 0; tx < k; ++tx) sums[r][tx] = hsum(acc[r][tx]);
           }
           for (int64_t r = 0; r < std::min(kOut, Co - o0); ++r) {
-            std::copy(sums[r], sums[r] + k, partials.data() + n * per_sample + (((o0 + r) * Ci + i) * k + ty) * k);
+            std::copy(sums[r], sums[r] + k, pp + n * per_sample + (((o0 + r) * Ci + i) * k + ty) * k);
           }
         }
       }
@@ -665,6 +672,49 @@ void logits_conv_kernel(const Tensor& a, Layout layout, const A* w, A bias, cons
         part = at::vec::fmadd(load_acc_n(w + j, cnt), tf.channels(load_acc_n(pixel + j, cnt), j, cnt), part);
       }
       op[n * HW + p] = bias + hsum(part);
+    }
+  });
+}
+
+// out[n, o] = bias[o] + sum_i weight[o, i] * tf(a[n, i]) for a (N, Ci) and weight (Co, Ci): the
+// transformed rows copied once, then L outputs of a row at a time (row_dots: L independent chains).
+template <typename A>
+void linear_kernel(const A* a, int64_t N, int64_t Ci, const A* weight, const A* bias, int64_t Co,
+                   const LoadTransform<A>& tf, A* out) {
+  using V = Vectorized<A>;
+  constexpr int64_t L = V::size();
+  std::vector<A> rows(N * Ci);
+  tf.copy_pixels(a, N, Ci, rows.data());
+  const int64_t blocks = divup(Co, L);
+  at::parallel_for(0, N * blocks, task_grain(L * Ci), [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n = t / blocks, o = t % blocks * L, cnt = std::min(L, Co - o);
+      const V dots = row_dots(weight + o * Ci, Ci, cnt, rows.data() + n * Ci, Ci);
+      vstore(out + n * Co + o, dots + load_acc_n(bias + o, cnt), cnt);
+    }
+  });
+}
+
+// linear_kernel's backward (no transform): grad_w[o] = sum over n of g[n, o] * a[n] and grad_a[n] =
+// sum over o of g[n, o] * weight[o], each a row of vectors along the input channels. A task is one
+// output row of either.
+template <typename A>
+void linear_backward_kernel(const A* g, const A* a, const A* weight, int64_t N, int64_t Ci, int64_t Co, A* grad_a,
+                            A* grad_w) {
+  using V = Vectorized<A>;
+  at::parallel_for(0, Co + N, task_grain(std::max(N, Co) * Ci), [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const bool weight_row = t < Co;
+      const int64_t terms = weight_row ? N : Co;
+      const A* rows = weight_row ? a : weight;  // term q's row of Ci, times its coefficient below
+      const auto coefficient = [&](int64_t q) { return weight_row ? g[q * Co + t] : g[(t - Co) * Co + q]; };
+      map_range(weight_row ? grad_w + t * Ci : grad_a + (t - Co) * Ci, 0, Ci, [&](int64_t j, int64_t cnt) {
+        V sum(A(0));
+        for (int64_t q = 0; q < terms; ++q) {
+          sum = at::vec::fmadd(V(coefficient(q)), load_acc_n(rows + q * Ci + j, cnt), sum);
+        }
+        return sum;
+      });
     }
   });
 }
@@ -722,11 +772,46 @@ Tensor bam_logits_conv_cpu(const Tensor& a_in, const Tensor& weight, const Tenso
   if (out.numel() > 0) {
     AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "attnkern_bam_logits_conv_cpu", [&] {
       const Tensor w = weight.to(a.scalar_type()).contiguous();
-      logits_conv_kernel<scalar_t>(a, layout, w.const_data_ptr<scalar_t>(), bias.to(a.scalar_type()).item<scalar_t>(),
+      // The bias read in place: item() is a dispatched op (~5 us).
+      logits_conv_kernel<scalar_t>(a, layout, w.const_data_ptr<scalar_t>(),
+                                   *bias.to(a.scalar_type()).const_data_ptr<scalar_t>(),
                                    LoadTransform<scalar_t>(transform, a.size(1)), out);
     });
   }
   return out;
+}
+
+Tensor bam_linear_cpu(const Tensor& a_in, const Tensor& weight_in, const Tensor& bias_in,
+                      const InputTransform& transform) {
+  TORCH_INTERNAL_ASSERT(use_vec_kernels() && a_in.dim() == 2 && weight_in.dim() == 2 &&
+                        weight_in.size(1) == a_in.size(1) && bias_in.numel() == weight_in.size(0) &&
+                        (a_in.scalar_type() == at::kFloat || a_in.scalar_type() == at::kDouble));
+  const Tensor a = a_in.contiguous();
+  const Tensor weight = weight_in.to(a.scalar_type()).contiguous(), bias = bias_in.to(a.scalar_type()).contiguous();
+  Tensor out = at::empty({a.size(0), weight.size(0)}, a.options());
+  if (out.numel() > 0) {
+    AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "attnkern_bam_linear_cpu", [&] {
+      linear_kernel<scalar_t>(a.const_data_ptr<scalar_t>(), a.size(0), a.size(1), weight.const_data_ptr<scalar_t>(),
+                              bias.const_data_ptr<scalar_t>(), weight.size(0),
+                              LoadTransform<scalar_t>(transform, a.size(1)), out.mutable_data_ptr<scalar_t>());
+    });
+  }
+  return out;
+}
+
+std::pair<Tensor, Tensor> bam_linear_backward_cpu(const Tensor& grad_in, const Tensor& a_in, const Tensor& weight_in) {
+  TORCH_INTERNAL_ASSERT(use_vec_kernels() && grad_in.dim() == 2 && a_in.dim() == 2 && weight_in.dim() == 2 &&
+                        grad_in.size(0) == a_in.size(0) && weight_in.size(0) == grad_in.size(1) &&
+                        weight_in.size(1) == a_in.size(1) && grad_in.scalar_type() == a_in.scalar_type() &&
+                        (a_in.scalar_type() == at::kFloat || a_in.scalar_type() == at::kDouble));
+  const Tensor g = grad_in.contiguous(), a = a_in.contiguous(), weight = weight_in.to(a.scalar_type()).contiguous();
+  Tensor grad_a = at::empty_like(a), grad_w = at::empty_like(weight);
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "attnkern_bam_linear_backward_cpu", [&] {
+    linear_backward_kernel<scalar_t>(g.const_data_ptr<scalar_t>(), a.const_data_ptr<scalar_t>(),
+                                     weight.const_data_ptr<scalar_t>(), a.size(0), a.size(1), weight.size(0),
+                                     grad_a.mutable_data_ptr<scalar_t>(), grad_w.mutable_data_ptr<scalar_t>());
+  });
+  return {grad_a, grad_w};
 }
 
 Tensor bam_reduce_weight_grad_cpu(const Tensor& x_in, const Tensor& grad_output) {

@@ -141,9 +141,21 @@ bool logits_conv(const Tensor& a, const Tensor& weight) {
          (a.scalar_type() == at::kFloat || a.scalar_type() == at::kDouble);
 }
 
+// Whether bam_linear_cpu can run conv(a, weight): a 1x1 conv on 1x1 maps (the channel gate's
+// layers), a in float / double.
+bool linear_layer(const Tensor& a, const Tensor& weight) {
+  return use_vec_kernels() && is_pointwise(weight) && a.size(2) == 1 && a.size(3) == 1 &&
+         (a.scalar_type() == at::kFloat || a.scalar_type() == at::kDouble);
+}
+
 // conv(a) in a's dtype, the output and the bias in acc (as ops/bam.py _conv).
 Tensor conv(const Activation& in, const Tensor& weight, const Tensor& bias, int64_t dilation, at::ScalarType acc) {
   const Tensor& a = in.z;
+  if (a.scalar_type() == acc && linear_layer(a, weight)) {
+    const int64_t n = a.size(0), co = weight.size(0);
+    return bam_linear_cpu(a.reshape({n, a.size(1)}), weight.reshape({co, a.size(1)}), bias.to(acc), in.transform)
+        .view({n, co, 1, 1});
+  }
   if (a.scalar_type() == acc && !is_pointwise(weight)) {
     if (narrow_conv(a, weight)) {
       return bam_narrow_conv_cpu(a, weight.to(acc), bias.to(acc), dilation, in.transform);
@@ -167,25 +179,33 @@ using FirstConv = std::function<Tensor(const Tensor&, const Tensor&, const Tenso
 using FirstConvBackward = std::function<std::pair<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&)>;
 
 std::pair<Tensor, Tensor> conv_backward(const Tensor& grad, const Tensor& a, const Tensor& weight, int64_t dilation) {
+  if (linear_layer(a, weight) && grad.scalar_type() == a.scalar_type()) {
+    const int64_t n = a.size(0), ci = a.size(1), co = weight.size(0);
+    auto [grad_a, grad_weight] =
+        bam_linear_backward_cpu(grad.reshape({n, co}), a.reshape({n, ci}), weight.reshape({co, ci}));
+    return {grad_a.view({n, ci, 1, 1}), grad_weight.view(weight.sizes())};
+  }
   if (is_pointwise(weight)) {
     return pointwise_backward(grad, a, weight);
   }
-  const bool narrow = narrow_conv(a, weight) && grad.scalar_type() == a.scalar_type();
-  // At 16 channels and more oneDNN's weight grad is the faster one (benchmarks/NOTES.md).
-  const bool our_weight_grad = narrow && weight.size(2) == kWeightGradTaps;
+  // Our kernels take the maps of up to kWideConvChannels channels: oneDNN's backward of a 16-channel
+  // conv on 8x16x28x28 took 1.2-1.8 ms, ~4x its forward (benchmarks/NOTES.md).
+  const bool own = own_conv(a, weight, kWideConvChannels) && grad.scalar_type() == a.scalar_type();
+  const bool our_weight_grad = own && weight.size(2) == kWeightGradTaps;
   Tensor grad_a, grad_weight;
   if (our_weight_grad) {
     grad_weight = bam_conv_weight_grad_cpu(grad, a, dilation);
   } else {
     std::tie(grad_a, grad_weight, std::ignore) =
         at::convolution_backward(grad, a, weight, std::nullopt, {1, 1}, padding(weight, dilation),
-                                 {dilation, dilation}, false, {0, 0}, 1, {!narrow, true, false});
+                                 {dilation, dilation}, false, {0, 0}, 1, {!own, true, false});
   }
-  if (narrow) {
+  if (own) {
     // A stride-1 'same' conv's input grad is the same conv of grad with the taps flipped and the
     // channels swapped; oneDNN took 1.9 ms for it on NCHW 8x4x56x56, ~8x its forward.
-    grad_a = bam_narrow_conv_cpu(grad, weight.flip({2, 3}).transpose(0, 1), at::zeros({a.size(1)}, a.options()),
-                                 dilation);
+    const Tensor flipped = weight.flip({2, 3}).transpose(0, 1), no_bias = at::zeros({a.size(1)}, a.options());
+    grad_a = narrow_conv(a, weight) ? bam_narrow_conv_cpu(grad, flipped, no_bias, dilation)
+                                    : bam_wide_conv_cpu(grad, flipped, no_bias, dilation);
   }
   return {grad_a, grad_weight};
 }
@@ -251,10 +271,24 @@ struct Folded {
 };
 
 // The conv before an eval-mode BN with the BN folded in, as ops/bam.py computes it: W' = W * scale,
-// b' = b * scale + shift.
+// b' = b * scale + shift, in one loop (ATen's multiply and addcmul took ~10 us a BN).
 Folded fold_bn(const Tensor& weight, const Tensor& bias, const Bn& bn, at::ScalarType acc) {
   const Affine af = bn_affine(bn, bn.mean, bn.var, acc);
-  return {weight.to(acc) * af.scale.view({-1, 1, 1, 1}), at::addcmul(af.shift, bias.to(acc), af.scale)};
+  const Tensor w = weight.to(acc).contiguous(), b = bias.to(acc).contiguous();
+  Folded out{at::empty_like(w), at::empty_like(b)};
+  const int64_t outputs = w.size(0), per_output = outputs == 0 ? 0 : w.numel() / outputs;
+  AT_DISPATCH_FLOATING_TYPES(acc, "attnkern_bam_fold_bn", [&] {
+    const scalar_t *wp = w.const_data_ptr<scalar_t>(), *bp = b.const_data_ptr<scalar_t>();
+    const scalar_t *scale = af.scale.const_data_ptr<scalar_t>(), *shift = af.shift.const_data_ptr<scalar_t>();
+    scalar_t *folded_w = out.weight.mutable_data_ptr<scalar_t>(), *folded_b = out.bias.mutable_data_ptr<scalar_t>();
+    for (int64_t o = 0; o < outputs; ++o) {
+      for (int64_t i = o * per_output; i < (o + 1) * per_output; ++i) {
+        folded_w[i] = wp[i] * scale[o];
+      }
+      folded_b[o] = bp[o] * scale[o] + shift[o];
+    }
+  });
+  return out;
 }
 
 struct StackForward {

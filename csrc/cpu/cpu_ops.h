@@ -128,10 +128,20 @@ at::Tensor bam_wide_conv_cpu(const at::Tensor& a, const at::Tensor& weight, cons
 // (~15 us on 8x16x28x28), after a ReLU pass over a. Needs the vector kernels.
 at::Tensor bam_logits_conv_cpu(const at::Tensor& a, const at::Tensor& weight, const at::Tensor& bias,
                                const InputTransform& transform);
-// The weight grad of BAM's dilated 3 x 3 convs on the same narrow maps ('same', stride 1; grad and
-// a float / double, the same dtype, any layout): (Co, Ci, 3, 3) in a's dtype. oneDNN's (im2col and
-// a GEMM) took 0.38 ms on NCHW 8x4x56x56, these tiles 0.08 (benchmarks/NOTES.md). Needs the vector
-// kernels.
+// A linear layer on rows, out (N, Co) = transformed a (N, Ci) . weight (Co, Ci)^T + bias (Co,), a
+// float / double: BAM's channel gate (its 1x1 convs on 1x1 maps). ATen took a GEMM call, a bias
+// add, the BN's folding or a ReLU pass, and the reshapes around them: ~90 us for the gate on
+// 8x256 means here. Needs the vector kernels.
+at::Tensor bam_linear_cpu(const at::Tensor& a, const at::Tensor& weight, const at::Tensor& bias,
+                          const InputTransform& transform);
+// Its backward without a transform, from grad (N, Co) in a's dtype: (grad of a (N, Ci), of weight
+// (Co, Ci)). ATen's two GEMMs and the reshapes around them took ~60 us a layer here.
+std::pair<at::Tensor, at::Tensor> bam_linear_backward_cpu(const at::Tensor& grad, const at::Tensor& a,
+                                                          const at::Tensor& weight);
+// The weight grad of BAM's dilated 3 x 3 convs on the maps the narrow and wide convs take ('same',
+// stride 1; grad and a float / double, the same dtype, any layout): (Co, Ci, 3, 3) in a's dtype. oneDNN's
+// (im2col and a GEMM) took 0.38 ms on NCHW 8x4x56x56, these tiles 0.08; on 8x16x28x28 0.8-1.2 ms,
+// these 0.4 (benchmarks/NOTES.md). Needs the vector kernels.
 constexpr int64_t kWeightGradTaps = 3;
 at::Tensor bam_conv_weight_grad_cpu(const at::Tensor& grad, const at::Tensor& a, int64_t dilation);
 // The batch statistics of a map for BatchNorm in training, as at::native_batch_norm computes them:
