@@ -45,6 +45,8 @@ LARGE_CONFIGS = [
     # The CPU's channels_last reduce weight grad walks a sample in blocks of 128 KiB of x (64 pixels
     # here): two whole blocks and a partial one.
     ((256, 16), {}, (2, 256, 12, 12)),
+    # Channel-gate weights past the CPU's kLinearMaxWeightBytes (512 x 128 in float64): ATen's GEMMs.
+    ((512, 4), {}, (2, 512, 3, 3)),
 ]
 # Low precision needs batches of several samples: with N = 2, BatchNorm1d's batch variance over two
 # pooled vectors can be ~1e-4, and its backward then scales float32 rounding by 1 / sqrt(var) ~ 100 in

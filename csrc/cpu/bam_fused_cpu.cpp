@@ -141,11 +141,12 @@ bool logits_conv(const Tensor& a, const Tensor& weight) {
          (a.scalar_type() == at::kFloat || a.scalar_type() == at::kDouble);
 }
 
-// Whether bam_linear_cpu can run conv(a, weight): a 1x1 conv on 1x1 maps (the channel gate's
-// layers), a in float / double.
+// Whether bam_linear_cpu takes conv(a, weight): a 1x1 conv on 1x1 maps (the channel gate's
+// layers), a in float / double, weights of at most kLinearMaxWeightBytes.
 bool linear_layer(const Tensor& a, const Tensor& weight) {
   return use_vec_kernels() && is_pointwise(weight) && a.size(2) == 1 && a.size(3) == 1 &&
-         (a.scalar_type() == at::kFloat || a.scalar_type() == at::kDouble);
+         (a.scalar_type() == at::kFloat || a.scalar_type() == at::kDouble) &&
+         weight.numel() * a.element_size() <= kLinearMaxWeightBytes;
 }
 
 // conv(a) in a's dtype, the output and the bias in acc (as ops/bam.py _conv).

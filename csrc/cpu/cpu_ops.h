@@ -131,7 +131,10 @@ at::Tensor bam_logits_conv_cpu(const at::Tensor& a, const at::Tensor& weight, co
 // A linear layer on rows, out (N, Co) = transformed a (N, Ci) . weight (Co, Ci)^T + bias (Co,), a
 // float / double: BAM's channel gate (its 1x1 convs on 1x1 maps). ATen took a GEMM call, a bias
 // add, the BN's folding or a ReLU pass, and the reshapes around them: ~90 us for the gate on
-// 8x256 means here. Needs the vector kernels.
+// 8x256 means here. It reads the weights once per row of a, so it pays for weights up to
+// kLinearMaxWeightBytes (in acc); past that ATen's blocked GEMM reads them once (BAM's forward on
+// 8x1024x14x14 and 8x2048x7x7 was 2-9 % slower with these). Needs the vector kernels.
+constexpr int64_t kLinearMaxWeightBytes = 64 * 1024;
 at::Tensor bam_linear_cpu(const at::Tensor& a, const at::Tensor& weight, const at::Tensor& bias,
                           const InputTransform& transform);
 // Its backward without a transform, from grad (N, Co) in a's dtype: (grad of a (N, Ci), of weight
