@@ -765,7 +765,7 @@ Tensor bam_wide_conv_cpu(const Tensor& a_in, const Tensor& weight, const Tensor&
 Tensor bam_logits_conv_cpu(const Tensor& a_in, const Tensor& weight, const Tensor& bias,
                            const InputTransform& transform) {
   TORCH_INTERNAL_ASSERT(use_vec_kernels() && a_in.dim() == 4 && weight.numel() == a_in.size(1) &&
-                        bias.numel() == 1 && (a_in.scalar_type() == at::kFloat || a_in.scalar_type() == at::kDouble));
+                        bias.numel() == 1 && float_or_double(a_in));
   const Layout layout = layout_of(a_in);
   const Tensor a = in_layout(a_in, layout);
   Tensor out = at::empty({a.size(0), 1, a.size(2), a.size(3)}, a.options());
@@ -785,7 +785,7 @@ Tensor bam_linear_cpu(const Tensor& a_in, const Tensor& weight_in, const Tensor&
                       const InputTransform& transform) {
   TORCH_INTERNAL_ASSERT(use_vec_kernels() && a_in.dim() == 2 && weight_in.dim() == 2 &&
                         weight_in.size(1) == a_in.size(1) && bias_in.numel() == weight_in.size(0) &&
-                        (a_in.scalar_type() == at::kFloat || a_in.scalar_type() == at::kDouble));
+                        float_or_double(a_in));
   const Tensor a = a_in.contiguous();
   const Tensor weight = weight_in.to(a.scalar_type()).contiguous(), bias = bias_in.to(a.scalar_type()).contiguous();
   Tensor out = at::empty({a.size(0), weight.size(0)}, a.options());
@@ -803,7 +803,7 @@ std::pair<Tensor, Tensor> bam_linear_backward_cpu(const Tensor& grad_in, const T
   TORCH_INTERNAL_ASSERT(use_vec_kernels() && grad_in.dim() == 2 && a_in.dim() == 2 && weight_in.dim() == 2 &&
                         grad_in.size(0) == a_in.size(0) && weight_in.size(0) == grad_in.size(1) &&
                         weight_in.size(1) == a_in.size(1) && grad_in.scalar_type() == a_in.scalar_type() &&
-                        (a_in.scalar_type() == at::kFloat || a_in.scalar_type() == at::kDouble));
+                        float_or_double(a_in));
   const Tensor g = grad_in.contiguous(), a = a_in.contiguous(), weight = weight_in.to(a.scalar_type()).contiguous();
   Tensor grad_a = at::empty_like(a), grad_w = at::empty_like(weight);
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "attnkern_bam_linear_backward_cpu", [&] {

@@ -87,7 +87,7 @@ Tensor conv_nobias(const Tensor& a, const Tensor& weight, int64_t dilation) {
 // max_channels channels (kNarrowConvChannels for bam_narrow_conv_cpu, kWideConvChannels for
 // bam_wide_conv_cpu), a square odd kernel, a in float / double.
 bool own_conv(const Tensor& a, const Tensor& weight, int64_t max_channels) {
-  return use_vec_kernels() && (a.scalar_type() == at::kFloat || a.scalar_type() == at::kDouble) &&
+  return use_vec_kernels() && float_or_double(a) &&
          weight.size(0) <= max_channels && weight.size(1) <= max_channels && weight.size(2) == weight.size(3) &&
          weight.size(2) % 2 == 1;
 }
@@ -110,7 +110,7 @@ Layout map_layout(int64_t channels, Layout x_layout) {
 // its layout.
 bool own_bn_kernels(const Tensor& z) {
   return use_vec_kernels() && z.is_contiguous(memory_format_of(layout_of(z))) &&
-         (z.scalar_type() == at::kFloat || z.scalar_type() == at::kDouble);
+         float_or_double(z);
 }
 
 // A conv's input: a stack's input, or a hidden layer's output relu(z * scale + shift) per channel
@@ -138,14 +138,14 @@ Tensor materialized(const Activation& in) {
 // stack's last), a in float / double.
 bool logits_conv(const Tensor& a, const Tensor& weight) {
   return use_vec_kernels() && is_pointwise(weight) && weight.size(0) == 1 &&
-         (a.scalar_type() == at::kFloat || a.scalar_type() == at::kDouble);
+         float_or_double(a);
 }
 
 // Whether bam_linear_cpu takes conv(a, weight): a 1x1 conv on 1x1 maps (the channel gate's
 // layers), a in float / double, weights of at most kLinearMaxWeightBytes.
 bool linear_layer(const Tensor& a, const Tensor& weight) {
   return use_vec_kernels() && is_pointwise(weight) && a.size(2) == 1 && a.size(3) == 1 &&
-         (a.scalar_type() == at::kFloat || a.scalar_type() == at::kDouble) &&
+         float_or_double(a) &&
          weight.numel() * a.element_size() <= kLinearMaxWeightBytes;
 }
 

@@ -213,7 +213,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backward_cpu(cons
   const Layout layout = layout_of(z);
   const at::MemoryFormat format = memory_format_of(layout);
   TORCH_INTERNAL_ASSERT(use_vec_kernels() && z.dim() == 4 && z.is_contiguous(format) && grad.is_contiguous(format) &&
-                        act.is_contiguous(format) && (z.scalar_type() == at::kFloat || z.scalar_type() == at::kDouble) &&
+                        act.is_contiguous(format) && float_or_double(z) &&
                         grad.scalar_type() == z.scalar_type() && act.scalar_type() == z.scalar_type() &&
                         weight.scalar_type() == z.scalar_type() && mean.scalar_type() == z.scalar_type() &&
                         invstd.scalar_type() == z.scalar_type());
@@ -231,7 +231,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backward_cpu(cons
 std::pair<at::Tensor, at::Tensor> batch_norm_stats_cpu(const at::Tensor& z) {
   const Layout layout = layout_of(z);
   TORCH_INTERNAL_ASSERT(use_vec_kernels() && z.dim() == 4 && z.is_contiguous(memory_format_of(layout)) &&
-                        (z.scalar_type() == at::kFloat || z.scalar_type() == at::kDouble));
+                        float_or_double(z));
   at::Tensor mean = at::empty({z.size(1)}, z.options());
   at::Tensor var = at::empty({z.size(1)}, z.options());
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "attnkern_batch_norm_stats_cpu",
@@ -242,7 +242,7 @@ std::pair<at::Tensor, at::Tensor> batch_norm_stats_cpu(const at::Tensor& z) {
 at::Tensor scale_shift_relu_cpu(const at::Tensor& z, const at::Tensor& scale, const at::Tensor& shift) {
   const Layout layout = layout_of(z);
   TORCH_INTERNAL_ASSERT(use_vec_kernels() && z.dim() == 4 && z.is_contiguous(memory_format_of(layout)) &&
-                        (z.scalar_type() == at::kFloat || z.scalar_type() == at::kDouble) &&
+                        float_or_double(z) &&
                         scale.scalar_type() == z.scalar_type() && shift.scalar_type() == z.scalar_type());
   at::Tensor out = at::empty_like(z);
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "attnkern_scale_shift_relu_cpu", [&] {

@@ -142,9 +142,9 @@ at::Tensor bam_linear_cpu(const at::Tensor& a, const at::Tensor& weight, const a
 std::pair<at::Tensor, at::Tensor> bam_linear_backward_cpu(const at::Tensor& grad, const at::Tensor& a,
                                                           const at::Tensor& weight);
 // The weight grad of BAM's dilated 3 x 3 convs on the maps the narrow and wide convs take ('same',
-// stride 1; grad and a float / double, the same dtype, any layout): (Co, Ci, 3, 3) in a's dtype. oneDNN's
-// (im2col and a GEMM) took 0.38 ms on NCHW 8x4x56x56, these tiles 0.08; on 8x16x28x28 0.8-1.2 ms,
-// these 0.4 (benchmarks/NOTES.md). Needs the vector kernels.
+// stride 1; grad and a float / double, the same dtype, any layout): (Co, Ci, 3, 3) in a's dtype.
+// oneDNN's (im2col and a GEMM) took 0.38 ms on NCHW 8x4x56x56, these tiles 0.08; on 8x16x28x28
+// 0.8-1.2 ms, these 0.4 (benchmarks/NOTES.md). Needs the vector kernels.
 constexpr int64_t kWeightGradTaps = 3;
 at::Tensor bam_conv_weight_grad_cpu(const at::Tensor& grad, const at::Tensor& a, int64_t dilation);
 // The batch statistics of a map for BatchNorm in training, as at::native_batch_norm computes them:

@@ -124,6 +124,11 @@ inline at::ScalarType acc_type_of(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// Whether t is float32 / float64: the dtypes of the kernels that have no reduced-precision path.
+inline bool float_or_double(const at::Tensor& t) {
+  return t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble;
+}
+
 // t converted to its accumulation dtype (the fallbacks compute in it).
 inline at::Tensor acc(const at::Tensor& t) {
   return t.to(acc_type_of(t.scalar_type()));

@@ -9,6 +9,7 @@
 namespace attnkern {
 namespace {
 
+using cpu::float_or_double;
 using cpu::use_vec_kernels;
 
 void check_conv_args(const at::Tensor& pooled, const at::Tensor& weight) {
@@ -17,7 +18,7 @@ void check_conv_args(const at::Tensor& pooled, const at::Tensor& weight) {
                   weight.size(2) == weight.size(3) && weight.size(2) % 2 == 1,
               "spatial_conv: weight must be (1, ", pooled.size(1), ", k, k) with k odd, got ", weight.sizes());
   TORCH_CHECK(pooled.scalar_type() == weight.scalar_type() &&
-                  (pooled.scalar_type() == at::kFloat || pooled.scalar_type() == at::kDouble),
+                  float_or_double(pooled),
               "spatial_conv: pooled and weight must share a float32/float64 dtype, got ", pooled.scalar_type(),
               " and ", weight.scalar_type());
   TORCH_CHECK(pooled.device() == weight.device(), "spatial_conv: pooled and weight must be on one device");
